@@ -1,0 +1,1463 @@
+"""river: RIVER video prediction in one file.
+
+Implements "Efficient Video Prediction via Sparsely Conditioned Flow Matching"
+(Davtyan, Sameni, Favaro, ICCV 2023). A frozen VQ autoencoder maps frames to small
+latents; a U-Net vector field, conditioned on the previous latent and ONE random
+older latent, is trained with flow matching to generate the next latent; sampling
+integrates the ODE with Euler steps, drawing a new random past frame at every step,
+optionally warm-started from the previous frame.
+
+Left out on purpose: the U-ViT of the official code (a U-Net here), RK4 as the
+default solver (Euler here; rk4 is available), the refinement network and VQGAN
+perceptual/adversarial losses.
+
+Glossary of letters used in shape comments:
+    B batch, T frames in a clip, C image channels, H W image height and width,
+    D latent channels (= code dimension), h w latent height and width,
+    K codes in the codebook, N vectors to quantize (= B*h*w).
+"""
+
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm, trange
+
+import data_prep
+
+# ---------------------------------------------------------------------------------------
+# Fast ops: plain PyTorch references, and the fused csrc/ kernels behind the same names
+# ---------------------------------------------------------------------------------------
+# Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
+# of the sampler. Each has a reference written in plain PyTorch right here; csrc/ holds a
+# fused C++/CUDA version registered as torch.ops.river.*. RIVER_KERNELS=ref|ext forces
+# one side; by default the extension is used when it loads and the reference otherwise.
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def vq_nearest_reference(z, codebook):
+    """Nearest code for every row of z. z: (N, D), codebook: (K, D).
+
+    Returns (indices int64 (N,), squared distances (N,)). Ties go to the lowest index.
+    """
+    # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, the (N, K) matrix the fused op avoids
+    d2 = (z * z).sum(1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(1)
+    d2, idx = d2.min(1)
+    return idx, d2.clamp_min(0)
+
+
+def euler_step_reference_(x, v, dt):
+    """x += dt * v, in place. Returns x."""
+    return x.add_(v, alpha=dt)
+
+
+def _cuda_build_possible():
+    from torch.utils.cpp_extension import CUDA_HOME
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+@functools.cache
+def load_kernels():
+    """Load the csrc/ extension; return True when torch.ops.river.* are usable.
+
+    Order: an installed build (pip install -e . / setup.py build_ext --inplace), then a
+    JIT build with ninja into torch's extension cache. Failure warns once and returns False.
+    """
+    mode = os.environ.get("RIVER_KERNELS", "auto")
+    if mode not in ("auto", "ref", "ext"):
+        raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
+    if mode == "ref":
+        return False
+    try:
+        try:
+            import river_kernels  # noqa: F401  (built by setup.py; registers the ops)
+        except ImportError:
+            from torch.utils.cpp_extension import load
+            sources = [os.path.join(CSRC, "river_ops.cpp")]
+            if _cuda_build_possible():
+                sources += [os.path.join(CSRC, f) for f in
+                            ("river_ops_cuda.cpp", "euler_step.cu", "vq_nearest.cu")]
+            load(name="river_kernels", sources=sources, is_python_module=False,
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+        _register_fakes()
+        return True
+    except Exception as e:  # no compiler, no ninja, a broken toolchain...
+        if mode == "ext":
+            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
+        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}); "
+                      "using the PyTorch reference ops")
+        return False
+
+
+def _register_fakes():
+    """Shape-only versions of the ops so torch.compile and opcheck can trace them."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("river::vq_nearest")
+    def _(z, codebook):
+        return (z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0]))
+
+    @torch.library.register_fake("river::euler_step_")
+    def _(x, v, dt):
+        return None
+
+    _register_fakes.done = True
+
+
+def vq_nearest(z, codebook):
+    """Nearest code search: the fused op when loaded, else vq_nearest_reference."""
+    if load_kernels():
+        return torch.ops.river.vq_nearest(z, codebook)
+    return vq_nearest_reference(z, codebook)
+
+
+def euler_step_(x, v, dt):
+    """x += dt * v in place: the fused op when loaded, else euler_step_reference_."""
+    if load_kernels():
+        torch.ops.river.euler_step_(x, v, float(dt))
+        return x
+    return euler_step_reference_(x, v, dt)
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Every hyperparameter of a run. Presets below; `train` writes it to config.json."""
+    # data
+    image_size: int = 32
+    channels: int = 3            # C
+    clip_frames: int = 16        # T: frames per training clip (target tau <= T-1)
+    frame_skip: int = 1          # take every k-th frame of the video
+    context: int = 2             # context frames for sampling and evaluation by default
+    # VQ autoencoder
+    ae_channels: tuple = (32, 64, 128)   # width per resolution; len-1 halvings = downsampling
+    latent_dim: int = 4          # D
+    codebook_size: int = 512     # K
+    commitment: float = 0.25     # beta of the commitment loss
+    ae_steps: int = 1500
+    ae_batch: int = 64
+    ae_lr: float = 2e-3
+    # U-Net vector field
+    unet_channels: tuple = (64, 128)  # width per level; latent resolution halves per level
+    unet_blocks: int = 2          # residual blocks per level
+    attention: bool = True        # self-attention at the lowest resolution
+    # flow matching
+    sigma_min: float = 1e-7
+    conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
+    flow_steps: int = 4000
+    flow_batch: int = 64
+    flow_lr: float = 1e-3
+    ema_decay: float = 0.999
+    # optimisation, both stages
+    warmup: int = 200
+    weight_decay: float = 5e-6
+    grad_clip: float = 1.0
+    # sampling
+    sample_steps: int = 10
+    warm_start: float = 0.0
+
+
+PRESETS = {
+    # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
+    "tiny": Config(),
+    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN.
+    "bair64": Config(image_size=64, clip_frames=16, context=1, ae_channels=(64, 128, 256, 256),
+                     codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                     unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                     flow_lr=1e-4, warmup=5000, ema_decay=0.9999, sample_steps=10),
+    "kth64": Config(image_size=64, clip_frames=40, context=10, ae_channels=(64, 128, 256, 256),
+                    codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                    unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                    flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=4, context=2,
+                         ae_channels=(64, 128, 256, 256), codebook_size=8192,
+                         ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                         unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                         flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+}
+
+
+def config_from_dict(d):
+    """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class RiverError(Exception):
+    """A problem with the user's input; main() prints it as one line, without a traceback."""
+
+
+def pyplot():
+    """matplotlib, imported on first use and drawing to files only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
+# ---------------------------------------------------------------------------------------
+
+def to_float(frames):
+    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
+    return x.movedim(-1, -3)
+
+
+def to_uint8(x):
+    """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Random clips of `frames` consecutive frames (every `skip`-th) from one split.
+
+    Item i is a random clip of video i, float (T, C, H, W) in [-1, 1]. A split smaller
+    than `cache_bytes` is read into RAM once; a larger one is streamed from the file.
+    `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
+    """
+
+    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30):
+        self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
+        if isinstance(videos, (str, os.PathLike)):
+            self.store = data_prep.VideoStore(videos, split)
+            lengths = self.store.lengths
+            self.frame_shape = self.store.frame_shape
+            in_ram = self.store.nbytes <= cache_bytes
+        else:
+            self.store, lengths, in_ram = None, [len(v) for v in videos], True
+        self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
+        self.skipped = len(lengths) - len(self.keep)
+        if not self.keep:
+            raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
+                             f"(longest has {max(lengths)}): use fewer --frames or a smaller skip")
+        self.lengths = [lengths[i] for i in self.keep]
+        self.in_ram = in_ram
+        if self.store is None:
+            self.videos = [videos[i] for i in self.keep]
+        elif in_ram:
+            self.videos = [self.store.read(i, 0, lengths[i]) for i in
+                           tqdm(self.keep, desc=f"loading {split}", leave=False, disable=None)]
+
+    def __len__(self):
+        return len(self.keep)
+
+    def clip(self, i, start):
+        """Clip of video i (index into the kept videos) from frame `start`."""
+        stop = start + self.span
+        if self.in_ram:
+            x = self.videos[i][start:stop:self.skip]
+        else:
+            x = self.store.read(self.keep[i], start, stop, self.skip)
+        return to_float(x) if isinstance(x, np.ndarray) else x
+
+    def __getitem__(self, i):
+        start = int(torch.randint(self.lengths[i] - self.span + 1, ()))
+        return self.clip(i, start)
+
+    def batch(self, size, videos=None):
+        """`size` random clips stacked to (B, T, ...); videos restricts the choice (DDP shards)."""
+        pool = torch.as_tensor(videos if videos is not None else range(len(self)))
+        picks = pool[torch.randint(len(pool), (size,))]
+        return torch.stack([self[int(i)] for i in picks])
+
+
+# ---------------------------------------------------------------------------------------
+# VQ autoencoder: frames (B, C, H, W) <-> latents (B, D, h, w)
+# ---------------------------------------------------------------------------------------
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a skip; `emb` (B, E) adds a per-channel scale and shift."""
+
+    def __init__(self, ch_in, ch_out, emb_dim=0):
+        super().__init__()
+        self.norm1, self.conv1 = norm(ch_in), nn.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(ch_out), nn.Conv2d(ch_out, ch_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * ch_out) if emb_dim else None
+        self.skip = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, 1)  # (B, ch, 1, 1)
+            h = h * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch = cfg.ae_channels
+        layers = [nn.Conv2d(cfg.channels, ch[0], 3, padding=1)]
+        for a, b in zip(ch[:-1], ch[1:]):
+            layers += [nn.Conv2d(a, b, 4, stride=2, padding=1), ResBlock(b, b)]
+        layers += [norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], cfg.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch = cfg.ae_channels[::-1]
+        layers = [nn.Conv2d(cfg.latent_dim, ch[0], 3, padding=1), ResBlock(ch[0], ch[0])]
+        for a, b in zip(ch[:-1], ch[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1),
+                       ResBlock(b, b)]
+        layers += [norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], cfg.channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """K codes of dimension D; nearest-code lookup with a straight-through gradient.
+
+    Dead codes (unused for `restart_every` training steps) restart at random encoder
+    outputs of the current batch, which keeps the whole codebook in use.
+    """
+
+    def __init__(self, K, D, commitment, restart_every=100):
+        super().__init__()
+        self.commitment, self.restart_every = commitment, restart_every
+        self.codebook = nn.Parameter(torch.randn(K, D) * 0.1)
+        self.register_buffer("usage", torch.zeros(K))   # hits since the last restart check
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z):
+        """z (B, D, h, w) -> (quantized z, codes (B, h, w), loss, stats)."""
+        B, D, h, w = z.shape
+        flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
+        idx, _ = vq_nearest(flat.detach().float().contiguous(), self.codebook.detach().float())
+        q = self.codebook[idx]  # (N, D)
+        # codebook loss pulls codes to the encoder; commitment loss pulls the encoder to codes
+        loss = F.mse_loss(q, flat.detach()) + self.commitment * F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()  # straight-through: forward q, backward identity
+        counts = torch.bincount(idx, minlength=len(self.codebook)).float()
+        if self.training:
+            self.restart_dead_codes(flat.detach(), counts)
+        p = counts / counts.sum()
+        stats = {"perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum())),
+                 "codes_used": int((counts > 0).sum())}
+        q = rearrange(q, "(b h w) d -> b d h w", b=B, h=h, w=w)
+        return q, idx.view(B, h, w), loss, stats
+
+    @torch.no_grad()
+    def restart_dead_codes(self, flat, counts):
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:  # every rank must agree on usage and on the new codes
+            dist.all_reduce(counts)
+        self.usage += counts
+        self.calls += 1
+        if (self.calls - 1) % self.restart_every:  # the first call initialises every code
+            return
+        dead = self.usage == 0
+        if dead.any():
+            pick = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
+            self.codebook.data[dead] = flat[pick] + 0.01 * flat.std() * torch.randn_like(flat[pick])
+            if distributed:
+                dist.broadcast(self.codebook.data, 0)
+        self.usage.zero_()
+
+    def lookup(self, z):
+        """Snap latents (B, D, h, w) to their nearest codes (no gradient)."""
+        B, D, h, w = z.shape
+        flat = rearrange(z, "b d h w -> (b h w) d").float().contiguous()  # (N, D)
+        idx, _ = vq_nearest(flat, self.codebook.detach().float())
+        return rearrange(self.codebook[idx], "(b h w) d -> b d h w", b=B, h=h, w=w).to(z.dtype)
+
+
+class VQAutoencoder(nn.Module):
+    """Stage 1. The flow model works on standardised encoder outputs (`encode`), and
+    `decode` undoes the standardisation, quantizes and decodes, as the paper does."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment)
+        # per-channel statistics of encoder outputs, set after training (fit_latent_stats)
+        self.register_buffer("mean", torch.zeros(1, cfg.latent_dim, 1, 1))
+        self.register_buffer("std", torch.ones(1, cfg.latent_dim, 1, 1))
+
+    def forward(self, x):
+        """Training pass: x (B, C, H, W) -> (reconstruction, vq loss, stats)."""
+        q, _, vq_loss, stats = self.quantizer(self.encoder(x))
+        return self.decoder(q), vq_loss, stats
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Frames (B, C, H, W) -> standardised continuous latents (B, D, h, w)."""
+        return (self.encoder(x) - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, z):
+        """Standardised latents (B, D, h, w) -> frames (B, C, H, W) in [-1, 1]."""
+        return self.decoder(self.quantizer.lookup(z * self.std + self.mean)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def fit_latent_stats(self, frames):
+        """Set mean/std from encoder outputs of frames (B, C, H, W) so latents have unit scale,
+        matching the N(0, I) noise that flow matching starts from."""
+        z = self.encoder(frames)
+        self.mean.copy_(z.mean((0, 2, 3), keepdim=True))
+        self.std.copy_(z.std((0, 2, 3), keepdim=True).clamp_min(1e-5))
+
+
+# ---------------------------------------------------------------------------------------
+# U-Net vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w)
+# ---------------------------------------------------------------------------------------
+
+def sinusoidal(x, dim):
+    """(B,) -> (B, dim) sin/cos features at geometric frequencies (transformer style)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=x.device) / half)
+    angles = x.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the h*w positions of a feature map."""
+
+    def __init__(self, ch, heads=4):
+        super().__init__()
+        self.heads, self.norm = heads, norm(ch)
+        self.qkv, self.out = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, ch, h, w = x.shape
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c",
+                            three=3, n=self.heads)  # 3 x (B, heads, h*w, ch/heads)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w))
+
+
+class UNet(nn.Module):
+    """The vector field. Input channels [x_t, z_ref, z_cond] (3D); output the velocity (D).
+
+    Flow time t (sinusoidal) and log distance log(d) (an MLP) are embedded, summed and
+    injected into every residual block as a scale and shift.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, ch, E = cfg.latent_dim, cfg.unet_channels, 4 * cfg.unet_channels[0]
+        self.time_mlp = nn.Sequential(nn.Linear(ch[0], E), nn.SiLU(), nn.Linear(E, E))
+        self.dist_mlp = nn.Sequential(nn.Linear(1, E), nn.SiLU(), nn.Linear(E, E))
+        self.stem = nn.Conv2d(3 * D, ch[0], 3, padding=1)
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        skips, c = [ch[0]], ch[0]
+        for i, width in enumerate(ch):
+            for _ in range(cfg.unet_blocks):
+                self.down.append(ResBlock(c, width, E))
+                c = width
+                skips.append(c)
+            if i < len(ch) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid1 = ResBlock(c, c, E)
+        self.mid_attn = Attention(c) if cfg.attention else nn.Identity()
+        self.mid2 = ResBlock(c, c, E)
+        for i, width in reversed(list(enumerate(ch))):
+            for _ in range(cfg.unet_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), width, E))
+                c = width
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, D, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # start as the zero field: a calm first step
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x, t, ref, cond, d):
+        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        emb = self.time_mlp(sinusoidal(1000 * t, self.stem.out_channels))
+        emb = emb + self.dist_mlp(torch.log(d.float())[:, None])  # (B, E)
+        h = self.stem(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, ch0, h, w)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], 1), emb)
+            else:
+                h = layer(h)
+        return self.head(h)
+
+
+# ---------------------------------------------------------------------------------------
+# Flow matching: training pairs, the loss, the ODE solvers and the sampler
+# ---------------------------------------------------------------------------------------
+
+def conditioning_index(ref, mode="random", past_horizon=-1):
+    """Which past frame conditions the prediction, given reference indices ref (B,).
+
+    random (the paper): c ~ U{ref-H, ..., ref-1} with H = past_horizon (all the past if -1);
+    last: the reference itself (no extra past); fixed: always ref-1.
+    With no frame before the reference (ref = 0) the reference is used twice.
+    Returns (c, d) with d = max(ref - c, 1), the distance fed to the network.
+    """
+    if mode == "random":
+        lo = ref - past_horizon if past_horizon > 0 else torch.zeros_like(ref)
+        lo = lo.clamp(min=0).minimum(ref - 1).clamp(min=0)
+        c = lo + (torch.rand(ref.shape, device=ref.device) * (ref - lo)).long()
+        c = c.minimum((ref - 1).clamp(min=0))  # rand * n can round up to n in float32
+    elif mode == "last":
+        c = ref.clone()
+    elif mode == "fixed":
+        c = (ref - 1).clamp(min=0)
+    else:
+        raise RiverError(f"unknown conditioning {mode!r}: use random, last or fixed")
+    return c, (ref - c).clamp(min=1)
+
+
+def training_indices(B, T, mode="random", device="cpu"):
+    """Target tau ~ U{2, ..., T-1}, reference tau-1, conditioning c <= tau-2 (paper)."""
+    tau = torch.randint(2, T, (B,), device=device)
+    c, d = conditioning_index(tau - 1, mode)
+    return tau, tau - 1, c, d
+
+
+def interpolate(eps, z, t, sigma_min):
+    """x_t = (1 - (1 - sigma_min) t) eps + t z: noise at t=0, data at t=1."""
+    t = t.view(-1, *[1] * (z.dim() - 1))
+    return (1 - (1 - sigma_min) * t) * eps + t * z
+
+
+def target_velocity(eps, z, sigma_min):
+    """u_t = dx_t/dt = z - (1 - sigma_min) eps."""
+    return z - (1 - sigma_min) * eps
+
+
+def flow_loss(field, latents, cfg):
+    """Flow-matching loss on a batch of latent clips (B, T, D, h, w)."""
+    B, T = latents.shape[:2]
+    tau, ref, c, d = training_indices(B, T, cfg.conditioning, latents.device)
+    rows = torch.arange(B, device=latents.device)
+    z, z_ref, z_cond = latents[rows, tau], latents[rows, ref], latents[rows, c]  # (B, D, h, w)
+    t = torch.rand(B, device=latents.device)
+    eps = torch.randn_like(z)
+    x_t = interpolate(eps, z, t, cfg.sigma_min)
+    # loss = || v_theta(x_t, t | z_ref, z_cond, d) - u_t ||^2
+    return F.mse_loss(field(x_t, t, z_ref, z_cond, d), target_velocity(eps, z, cfg.sigma_min))
+
+
+def integrate(field, x, t0, t1, steps, solver="euler"):
+    """Solve dx/dt = field(x, t) from t0 to t1 in `steps` equal steps.
+
+    x is not modified. Returns (x at t1, number of field evaluations).
+    euler: 1 evaluation per step; midpoint: 2; rk4: 4.
+    """
+    if solver not in SOLVERS:
+        raise RiverError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    x, dt = x.clone(), (t1 - t0) / steps
+    for i in range(steps):
+        t = t0 + i * dt
+        if solver == "euler":
+            euler_step_(x, field(x, t), dt)
+        elif solver == "midpoint":
+            k1 = field(x, t)
+            euler_step_(x, field(x + 0.5 * dt * k1, t + 0.5 * dt), dt)
+        else:  # rk4
+            k1 = field(x, t)
+            k2 = field(x + 0.5 * dt * k1, t + 0.5 * dt)
+            k3 = field(x + 0.5 * dt * k2, t + 0.5 * dt)
+            k4 = field(x + dt * k3, t + dt)
+            euler_step_(x, k1 + 2 * k2 + 2 * k3 + k4, dt / 6)
+    return x, steps * SOLVERS[solver]
+
+
+SOLVERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # network evaluations per step
+
+
+def warm_start_state(z_last, s, sigma_min, eps=None):
+    """x_s = (1 - (1 - sigma_min) s) eps + s z_last: the previous latent, partly noised."""
+    eps = torch.randn_like(z_last) if eps is None else eps
+    return interpolate(eps, z_last, torch.full(z_last.shape[:1], s, device=z_last.device),
+                       sigma_min)
+
+
+class River(nn.Module):
+    """The whole model: a frozen VQ autoencoder and the U-Net vector field."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.ae, self.field = cfg, VQAutoencoder(cfg), UNet(cfg)
+
+    @torch.no_grad()
+    def next_latent(self, past, steps, warm_start, solver="euler", past_horizon=-1):
+        """Generate the latent after past (B, m, D, h, w); returns (latent (B, D, h, w), NFE)."""
+        B, m = past.shape[:2]
+        rows = torch.arange(B, device=past.device)
+        ref = torch.full((B,), m - 1, device=past.device)
+
+        def field(x, t):
+            # a new random past frame at every evaluation: the paper's sparse conditioning
+            c, d = conditioning_index(ref, self.cfg.conditioning, past_horizon)
+            t = torch.full((B,), t, device=x.device)
+            return self.field(x, t, past[:, -1], past[rows, c], d).float()
+
+        x = warm_start_state(past[:, -1], warm_start, self.cfg.sigma_min)  # s = 0: pure noise
+        return integrate(field, x, warm_start, 1.0, steps, solver)
+
+    @torch.no_grad()
+    def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver="euler",
+                        past_horizon=-1, verbose=False, return_nfe=False):
+        """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
+
+        Returns (B, num_frames, C, H, W); with return_nfe also the network evaluations per frame.
+        """
+        steps = self.cfg.sample_steps if steps is None else steps
+        warm_start = self.cfg.warm_start if warm_start is None else warm_start
+        B, n = context.shape[:2]
+        z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
+        latents = list(rearrange(z, "(b n) d h w -> b n d h w", b=B).unbind(1))
+        nfe = 0
+        for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
+            z_next, nfe = self.next_latent(torch.stack(latents, 1), steps, warm_start, solver,
+                                           past_horizon)
+            latents.append(z_next)
+        z = torch.stack(latents[n:], 1)  # (B, F, D, h, w)
+        frames = self.ae.decode(rearrange(z, "b f d h w -> (b f) d h w"))
+        frames = rearrange(frames, "(b f) c h w -> b f c h w", b=B)
+        return (frames, nfe) if return_nfe else frames
+
+
+# ---------------------------------------------------------------------------------------
+# Training: one loop for both stages, checkpoints that survive being killed
+# ---------------------------------------------------------------------------------------
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up, then polynomial decay with power 0.5 to zero at `total` (paper)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.5
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg=None):
+    """Load a river checkpoint (.pt), with one-line errors for files that are not one."""
+    if not os.path.isfile(path):
+        raise RiverError(f"checkpoint {path} not found: train first, or check --run/--ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RiverError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                         "it may be truncated; delete it to restart that stage")
+    if not isinstance(ckpt, dict) or "river" not in ckpt:
+        raise RiverError(f"{path} is not a river checkpoint")
+    if cfg is not None and ckpt["config"] != asdict(cfg):
+        diff = sorted(k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v)
+        raise RiverError(f"{path} was trained with another config (differs in {', '.join(diff)}): "
+                         "use the same --preset and options, or another --run")
+    return ckpt
+
+
+class RunLog:
+    """metrics.jsonl and the loss-curve PNG of a run directory (rank 0 only writes)."""
+
+    def __init__(self, run_dir, enabled=True):
+        self.path, self.enabled = os.path.join(run_dir, "metrics.jsonl"), enabled
+
+    def rewind(self, stage, step):
+        """Drop lines a killed run logged after its last checkpoint, so a resume stays clean."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, self.path)
+
+    def write(self, row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self):
+        """loss.png: training loss of each stage against steps."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        stages = [s for s in ("ae", "flow") if any(r.get("stage") == s and "loss" in r for r in rows)]
+        if not stages:
+            return
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            pts = [(r["step"], r["loss"]) for r in rows if r.get("stage") == stage and "loss" in r]
+            ax.plot(*zip(*pts))
+            ax.set(title=f"{stage} loss", xlabel="step", yscale="log")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(os.path.dirname(self.path), "loss.png"), dpi=100)
+        plt.close(fig)
+
+
+class Stop(Exception):
+    """Raised after a checkpoint was saved because the user pressed Ctrl-C."""
+
+
+def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, resume=False,
+                ema_decay=0.0, accum=1, evaluate=None, extra=None, log_every=25,
+                ckpt_every=250):
+    """Train `model` for `steps` optimizer steps of loss_fn(model, batch) -> (loss, stats).
+
+    Saves run/<stage>.pt (model, EMA, optimizer, scheduler, step, RNG states) every
+    ckpt_every steps and at the end; resume=True continues from it. Returns (model or its
+    EMA copy, whether any step ran).
+    """
+    rank, world = dist_info()
+    log = RunLog(run, rank == 0)
+    path = os.path.join(run, f"{stage}.pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
+    step, bad_steps = 0, 0
+    if resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, cfg)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        step, bad_steps = ckpt["step"], ckpt.get("bad_steps", 0)
+        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        log.rewind(stage, step)
+    net = DDP(model) if world > 1 else model
+
+    def save():
+        if rank == 0:
+            save_atomic({"river": 1, "stage": stage, "step": step, "config": asdict(cfg),
+                         "model": model.state_dict(), "ema": ema and ema.state_dict(),
+                         "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "rng": gather_rng_states(), "bad_steps": bad_steps, **(extra or {})},
+                        path)
+            log.plot()
+        elif world > 1:
+            gather_rng_states()
+
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    bar = trange(step, steps, initial=step, total=steps, desc=stage, disable=rank != 0 or None,
+                 dynamic_ncols=True)
+    trained, window, tic = step < steps, [], time.time()
+    try:
+        for step in bar:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            for _ in range(accum):
+                batch = next(batches).to(device, non_blocking=True)
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    loss, stats = loss_fn(net, batch)
+                (loss / accum).backward()
+            # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):  # skip the step: a poisoned update never happens
+                bad_steps += 1
+                if bad_steps > 20:
+                    raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower --lr or "
+                                     "check the data (resume from the last checkpoint)")
+                continue
+            opt.step()
+            sched.step()
+            if ema is not None:
+                decay = min(ema_decay, (1 + step) / (10 + step))  # short memory early on
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p.detach(), 1 - decay)
+                for be, b in zip(ema.buffers(), model.buffers()):
+                    be.copy_(b)
+            window.append(float(loss.detach()))
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                row = {"stage": stage, "step": done, "loss": sum(window) / len(window),
+                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "steps_per_s": len(window) / (time.time() - tic),
+                       "bad_steps": bad_steps, **stats}
+                if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
+                    row.update(evaluate(model))
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
+                window, tic = [], time.time()
+            if done % ckpt_every == 0 or done == steps or interrupted:
+                step = done
+                save()
+            if interrupted:
+                raise Stop(f"interrupted: saved {path} at step {step}; continue with --resume")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    return (ema if ema is not None else model), trained
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-process data parallel (torchrun): NCCL on GPUs, gloo on CPU
+# ---------------------------------------------------------------------------------------
+
+def dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device):
+    """Join the process group when started by torchrun; returns the device for this rank."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def gather_rng_states():
+    """Every rank's torch RNG state, collected on all ranks (saved so a resume is exact)."""
+    state = torch.get_rng_state()
+    rank, world = dist_info()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------
+# The two training stages
+# ---------------------------------------------------------------------------------------
+
+def endless(fn):
+    """An endless iterator of fn() results: the batch stream of a training stage."""
+    while True:
+        yield fn()
+
+
+def spread_frames(path, count=256, split=None):
+    """Up to `count` frames spread evenly over a split's videos, in a fixed order.
+
+    By default the val split (then test, then the first one): frames the model never trained on.
+    """
+    splits = data_prep.splits_in(path)
+    split = split or next((s for s in ("val", "test") if s in splits), splits[0])
+    store = data_prep.VideoStore(path, split)
+    per_video = max(1, count // len(store))
+    frames = [store.read(v, i, i + 1) for v in range(min(len(store), count))
+              for i in np.linspace(0, store.lengths[v] - 1, per_video).astype(int)]
+    return to_float(np.concatenate(frames[:count]))
+
+
+def psnr_of_reconstruction(ae, frames, device, chunk=256):
+    """Mean PSNR (dB) of quantized reconstructions of frames (N, C, H, W) in [-1, 1]."""
+    ae.eval()
+    scores = []
+    with torch.no_grad():
+        for x in frames.split(chunk):
+            x = x.to(device)
+            scores.append(psnr(ae.decode(ae.encode(x)), x))
+    return float(torch.cat(scores).mean())
+
+
+def train_autoencoder(model, cfg, args, device):
+    """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses)."""
+    rank, world = dist_info()
+    frames = ClipDataset(args.data, frames=1, split="train")
+    shard = list(range(rank, len(frames), world))
+    batches = endless(lambda: frames.batch(cfg.ae_batch, shard)[:, 0])  # (B, C, H, W)
+    heldout = spread_frames(args.data)
+
+    def loss_fn(ae, x):
+        recon, vq_loss, stats = ae(x)
+        return F.mse_loss(recon, x) + vq_loss, stats
+
+    def evaluate(ae):
+        return {"recon_psnr": psnr_of_reconstruction(ae, heldout, device)}
+
+    train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, args.run, device,
+                resume=args.resume, accum=args.accum, evaluate=evaluate)
+    psnr_db = psnr_of_reconstruction(model.ae, heldout, device)
+    if rank == 0:
+        print(f"autoencoder: {psnr_db:.2f} dB PSNR on {len(heldout)} held-out frames")
+    return psnr_db
+
+
+def load_autoencoder(model, path):
+    """Put the autoencoder of an ae.pt or flow.pt checkpoint into model.ae."""
+    ckpt = load_checkpoint(path)
+    state = ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
+    try:
+        model.ae.load_state_dict(state)
+    except RuntimeError:
+        raise RiverError(f"the autoencoder in {path} does not fit this config "
+                         f"(its config: ae_channels={ckpt['config']['ae_channels']}, "
+                         f"latent_dim={ckpt['config']['latent_dim']}, "
+                         f"codebook_size={ckpt['config']['codebook_size']}): pass the same --preset")
+
+
+@torch.no_grad()
+def encode_videos(ae, clips, device, chunk=512):
+    """Latents (T_i, D, h, w) of every frame of every video held in RAM by `clips`."""
+    ae.eval()
+    out = []
+    for video in tqdm(clips.videos, desc="encoding", leave=False, disable=None):
+        x = to_float(video)  # (T, C, H, W)
+        out.append(torch.cat([ae.encode(c.to(device)).cpu() for c in x.split(chunk)]))
+    return out
+
+
+def train_flow(model, cfg, args, device):
+    """Stage 2: the vector field on latents of the frozen autoencoder."""
+    rank, world = dist_info()
+    ae = model.ae.eval().requires_grad_(False)
+    # deterministic statistics, so a resumed run standardises exactly as before
+    ae.fit_latent_stats(spread_frames(args.data, 1024, "train").to(device))
+    clips = ClipDataset(args.data, cfg.clip_frames, cfg.frame_skip, "train")
+    shard = list(range(rank, len(clips), world))
+    if clips.in_ram:  # encode once: training then never runs the encoder
+        latents = ClipDataset(encode_videos(ae, clips, device), cfg.clip_frames, cfg.frame_skip)
+        batches = endless(lambda: latents.batch(cfg.flow_batch, shard))
+    else:
+        def encoded_batch():
+            x = clips.batch(cfg.flow_batch, shard).to(device)  # (B, T, C, H, W)
+            z = ae.encode(rearrange(x, "b t c h w -> (b t) c h w"))
+            return rearrange(z, "(b t) d h w -> b t d h w", b=len(x))
+        batches = endless(encoded_batch)
+
+    def loss_fn(field, z):
+        return flow_loss(field, z, cfg), {}
+
+    field, _ = train_stage("flow", model.field, loss_fn, batches, cfg.flow_steps, cfg.flow_lr, cfg,
+                           args.run, device, resume=args.resume, ema_decay=cfg.ema_decay,
+                           accum=args.accum, extra={"ae": ae.state_dict()})
+    model.field = field  # the EMA weights sample
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: PSNR, SSIM, FVD's Frechet distance, and the copy-last-frame baseline
+# ---------------------------------------------------------------------------------------
+
+def psnr(a, b):
+    """PSNR in dB per image of a, b (..., C, H, W) in [-1, 1], measured on [0, 1]."""
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(a, b, window=11, sigma=1.5):
+    """SSIM per image of a, b (..., C, H, W) in [-1, 1], on [0, 1] (Wang et al. 2004):
+    an 11x11 Gaussian window with sigma 1.5, valid positions only, averaged over channels."""
+    shape = a.shape[:-3]
+    a, b = ((x.float().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
+    C = a.shape[1]
+    g = torch.exp(-((torch.arange(window, device=a.device) - window // 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None]).expand(C, 1, window, window)  # one window per channel
+
+    def blur(x):
+        return F.conv2d(x, kernel, groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1).reshape(shape)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
+
+    tr((S1 S2)^(1/2)) = sum of sqrt of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric
+    matrix, so only symmetric eigendecompositions are needed.
+    """
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, cov1, mu2, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # S1^(1/2)
+    middle = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * middle)
+
+
+def gaussian_fit(features):
+    """Mean and covariance of features (N, F)."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def i3d_features(i3d, video):
+    """Features (B, F) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D that takes
+    (B, 3, T, 224, 224) in [-1, 1]."""
+    B, T = video.shape[:2]
+    x = F.interpolate(rearrange(video, "b t c h w -> (b t) c h w"), size=(224, 224),
+                      mode="bilinear", align_corners=False)
+    x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1, -1)
+    with torch.no_grad():
+        return i3d(x).reshape(B, -1).float().cpu()
+
+
+def eval_clips(data, split, context, frames, skip, videos):
+    """The first context+frames frames of the first `videos` videos long enough: (M, T, C, H, W)."""
+    store = data_prep.VideoStore(data, split)
+    span = (context + frames - 1) * skip + 1
+    long_enough = [i for i, n in enumerate(store.lengths) if n >= span]
+    if not long_enough:
+        raise RiverError(f"no video in split {split!r} has {span} frames for --context {context} + "
+                         f"--frames {frames} (longest: {max(store.lengths)}): ask for fewer frames")
+    picks = long_enough[:videos] if videos > 0 else long_enough
+    return to_float(np.stack([store.read(i, 0, span, skip) for i in picks]))
+
+
+@torch.no_grad()
+def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver="euler",
+             batch=64, seed=0, i3d=None):
+    """Predict clips[:, context:] from clips[:, :context] `samples` times.
+
+    Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
+    best-of-N) and for the copy-last-frame baseline, the NFE per frame and seconds per frame.
+    """
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    M, T = clips.shape[:2]
+    truth = clips[:, context:]  # (M, F, C, H, W)
+    ps, ss, fakes, nfe, tic = [], [], [], 0, time.time()
+    for _ in trange(samples, desc="samples", leave=False, disable=None):
+        preds = []
+        for x in clips[:, :context].split(batch):
+            pred, nfe = model.generate_frames(x.to(device), T - context, steps, warm_start, solver,
+                                              return_nfe=True)
+            preds.append(pred.cpu())
+        pred = torch.cat(preds)
+        ps.append(psnr(pred, truth))
+        ss.append(ssim(pred, truth))
+        if i3d is not None:
+            fakes.append(torch.cat([clips[:, :context], pred], 1))
+    seconds = (time.time() - tic) / (samples * M * (T - context))
+    ps, ss = torch.stack(ps, 1), torch.stack(ss, 1)  # (M, N, F)
+    best_p = ps[torch.arange(M), ps.mean(2).argmax(1)]  # (M, F): the best sample per video
+    best_s = ss[torch.arange(M), ss.mean(2).argmax(1)]
+    last = clips[:, context - 1:context].expand_as(truth)
+    curves = {"model_mean": (ps.mean(1), ss.mean(1)), "model_best": (best_p, best_s),
+              "copy_last": (psnr(last, truth), ssim(last, truth))}
+    out = {name: {"psnr": float(p.mean()), "ssim": float(s.mean()),
+                  "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
+           for name, (p, s) in curves.items()}
+    out.update(nfe_per_frame=nfe, seconds_per_frame=seconds)
+    if i3d is not None:
+        real = gaussian_fit(i3d_features(i3d, clips.to(device)))
+        fake = gaussian_fit(torch.cat([i3d_features(i3d, f.to(device)) for f in fakes]))
+        out["fvd"] = frechet_distance(*real, *fake)
+    return out
+
+
+def plot_per_frame(result, path, context):
+    """PSNR per predicted frame: model (mean and best-of-N) against copy-last-frame."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, style in (("model_mean", "-o"), ("model_best", "--"), ("copy_last", ":s")):
+        curve = result[name]["psnr_per_frame"]
+        ax.plot(range(context + 1, context + 1 + len(curve)), curve, style, label=name, ms=3)
+    ax.set(xlabel="frame", ylabel="PSNR (dB)", title="PSNR per predicted frame")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures: GIFs and PNG grids of context, ground truth and prediction
+# ---------------------------------------------------------------------------------------
+
+def bordered(frames, color, scale):
+    """uint8 (..., H, W, 3) -> upscaled by `scale` (nearest) with a 1-pixel colored border."""
+    frames = frames.repeat(scale, -3).repeat(scale, -2)
+    frames = np.pad(frames, [(0, 0)] * (frames.ndim - 3) + [(1, 1), (1, 1), (0, 0)])
+    frames[..., 0, :, :] = frames[..., -1, :, :] = color
+    frames[..., :, 0, :] = frames[..., :, -1, :] = color
+    return frames
+
+
+def tracks(context, truth, pred, scale):
+    """Per video a ground-truth track and a predicted track, both opening with the context.
+
+    context (B, n, C, H, W), truth and pred (B, F, C, H, W) in [-1, 1] ->
+    uint8 (B, 2, n+F, h, w, 3). Borders: green context, grey ground truth, red prediction.
+    """
+    def rgb(x):
+        x = to_uint8(x)
+        return np.repeat(x, 3, -1) if x.shape[-1] == 1 else x
+
+    ctx = bordered(rgb(context), (0, 200, 0), scale)
+    real = np.concatenate([ctx, bordered(rgb(truth), (128, 128, 128), scale)], 1)
+    fake = np.concatenate([ctx, bordered(rgb(pred), (220, 0, 0), scale)], 1)
+    return np.stack([real, fake], 1)
+
+
+def side_by_side(context, truth, pred, scale=4):
+    """GIF frames: one row per video, [ground truth | prediction]: uint8 (T, B*h, 2w, 3)."""
+    t = tracks(context, truth, pred, scale)
+    return rearrange(t, "b k t h w c -> t (b h) (k w) c")
+
+
+def save_gif(frames, path, fps=4):
+    """uint8 (T, H, W, 3) -> an endlessly looping GIF."""
+    from PIL import Image
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_grid(context, truth, pred, path, scale=2):
+    """PNG: per video a ground-truth row and a prediction row; columns are time steps."""
+    plt = pyplot()
+    t = tracks(context, truth, pred, scale)
+    B, _, T, h, w = t.shape[:5]
+    grid = rearrange(t, "b k t h w c -> (b k h) (t w) c")
+    fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] / 50), max(2, grid.shape[0] / 50)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([(i + 0.5) * w for i in range(T)], [str(i + 1) for i in range(T)], fontsize=6)
+    ax.set_yticks([(r + 0.5) * h for r in range(2 * B)], ["truth", "predicted"] * B, fontsize=7)
+    ax.set_xlabel(f"frame (1-{context.shape[1]}: context, green border)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: train, sample, eval
+# ---------------------------------------------------------------------------------------
+
+def make_config(args):
+    """The preset (or, on --resume, the run's saved config) with the options given on top."""
+    saved = os.path.join(args.run, "config.json")
+    if getattr(args, "resume", False) and os.path.exists(saved):
+        with open(saved) as f:
+            cfg = config_from_dict(json.load(f))
+    elif args.preset in PRESETS:
+        cfg = copy.deepcopy(PRESETS[args.preset])
+    else:
+        raise RiverError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
+    overrides = {"ae_steps": args.ae_steps, "flow_steps": args.flow_steps,
+                 "ae_batch": args.batch_size, "flow_batch": args.batch_size,
+                 "conditioning": args.conditioning}
+    if args.steps is not None:
+        overrides.update({"ae_steps": args.steps} if args.stage == "ae" else
+                         {"flow_steps": args.steps} if args.stage == "flow" else
+                         {"ae_steps": args.steps, "flow_steps": args.steps})
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
+        if getattr(cfg, key) < 1:
+            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.clip_frames < 3:
+        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
+                         f"got {cfg.clip_frames}")
+    if cfg.conditioning not in ("random", "last", "fixed"):
+        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last or fixed")
+    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
+        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
+
+
+def prepare_run(run, cfg, rank=0):
+    """Create the run directory and write config.json; one-line errors if that is impossible."""
+    try:
+        os.makedirs(run, exist_ok=True)
+        if rank == 0:
+            tmp = os.path.join(run, "config.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(asdict(cfg), f, indent=2)
+            os.replace(tmp, os.path.join(run, "config.json"))
+    except OSError as e:
+        raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
+
+
+def cmd_train(args):
+    cfg = make_config(args)
+    device = setup_distributed(pick_device(args.device))
+    rank, world = dist_info()
+    torch.manual_seed(args.seed + rank)  # per-rank seeds: each rank draws its own batches
+    prepare_run(args.run, cfg, rank)
+    model = River(cfg).to(device)
+    if args.stage in ("ae", "all") and not args.ae:
+        train_autoencoder(model, cfg, args, device)
+    if args.stage in ("flow", "all"):
+        load_autoencoder(model, args.ae or os.path.join(args.run, "ae.pt"))
+        model.ae.to(device)
+        train_flow(model, cfg, args, device)
+        if rank == 0:
+            clips = eval_clips(args.data, pick_split(args.data, "val"), cfg.context,
+                               cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
+            write_predictions(model, clips, cfg.context, os.path.join(args.run, "samples"))
+    if rank == 0:
+        print(f"run directory: {args.run} (config.json, *.pt, metrics.jsonl, loss.png"
+              f"{', samples.gif' if args.stage != 'ae' else ''})")
+
+
+def pick_split(path, wanted):
+    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
+    splits = data_prep.splits_in(path)
+    if wanted in splits:
+        return wanted
+    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
+    print(f"note: {path} has no {wanted!r} split; using {other!r}")
+    return other
+
+
+def load_river(path, device):
+    """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "flow.pt")
+    ckpt = load_checkpoint(path)
+    if ckpt["stage"] != "flow":
+        raise RiverError(f"{path} holds only the autoencoder: train the flow stage first "
+                         "(python river.py train --stage flow)")
+    model = River(config_from_dict(ckpt["config"]))
+    model.ae.load_state_dict(ckpt["ae"])
+    model.field.load_state_dict(ckpt["ema"] or ckpt["model"])
+    return model.to(device).eval()
+
+
+def write_predictions(model, clips, context, stem, **sample_args):
+    """stem.gif and stem.png: context, ground truth and prediction side by side."""
+    x = clips.to(next(model.parameters()).device)
+    pred = model.generate_frames(x[:, :context], clips.shape[1] - context, **sample_args).cpu()
+    save_gif(side_by_side(clips[:, :context], clips[:, context:], pred), stem + ".gif")
+    save_grid(clips[:, :context], clips[:, context:], pred, stem + ".png")
+    return pred
+
+
+def cmd_sample(args):
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    model = load_river(args.ckpt or args.run, device)
+    cfg = model.cfg
+    context = args.context or cfg.context
+    frames = args.frames or cfg.clip_frames - context
+    check_sampling(args, context, frames)
+    if args.input:
+        clips = read_input(args.input, cfg)[None]  # (1, T, C, H, W)
+        if clips.shape[1] < context:
+            raise RiverError(f"{args.input} has {clips.shape[1]} frames, fewer than --context "
+                             f"{context}")
+        clips = clips[:, :context + frames]
+        if clips.shape[1] < context + frames:  # no ground truth for all: show the context only
+            clips = torch.cat([clips[:, :context]] + [clips[:, context - 1:context]] * frames, 1)
+    else:
+        clips = eval_clips(args.data, pick_split(args.data, args.split), context, frames,
+                           cfg.frame_skip, args.num)
+    stem = os.path.splitext(args.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    write_predictions(model, clips, context, stem, steps=args.steps, warm_start=args.warm_start,
+                      solver=args.solver, verbose=True)
+    print(f"wrote {stem}.gif and {stem}.png")
+
+
+def check_sampling(args, context, frames):
+    if context < 1 or frames < 1:
+        raise RiverError(f"--context and --frames must be at least 1, got {context} and {frames}")
+    if args.steps is not None and args.steps < 1:
+        raise RiverError(f"--steps must be at least 1, got {args.steps}")
+    if args.warm_start is not None and not 0 <= args.warm_start < 1:
+        raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
+    if args.solver not in SOLVERS:
+        raise RiverError(f"unknown solver {args.solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+def read_input(path, cfg):
+    """A user's clip: a folder of frame images (sorted by name) or a .npy array
+    (T, H, W[, C]) uint8. Resized to the model's resolution -> (T, C, H, W) in [-1, 1]."""
+    from PIL import Image
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg",
+                                                                          ".bmp", ".gif")))
+        if not names:
+            raise RiverError(f"{path} has no .png/.jpg frames: pass a folder of frame images")
+        images = [Image.open(os.path.join(path, n)) for n in names]
+    elif path.endswith(".npy"):
+        array = np.load(path)
+        if array.dtype != np.uint8 or array.ndim not in (3, 4):
+            raise RiverError(f"{path}: expected uint8 (T, H, W) or (T, H, W, C), got "
+                             f"{array.dtype} {array.shape}")
+        images = [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
+                  for a in array]
+    else:
+        raise RiverError(f"--input {path}: pass a folder of frame images or a .npy file")
+    mode = "RGB" if cfg.channels == 3 else "L"
+    size = (cfg.image_size, cfg.image_size)
+    frames = np.stack([np.asarray(im.convert(mode).resize(size, Image.BICUBIC)) for im in images])
+    return to_float(frames if frames.ndim == 4 else frames[..., None])
+
+
+def cmd_eval(args):
+    device = pick_device(args.device)
+    model = load_river(args.run, device)
+    cfg = model.cfg
+    context = args.context or cfg.context
+    frames = args.frames or cfg.clip_frames - context
+    check_sampling(args, context, frames)
+    split = pick_split(args.data, args.split)
+    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.videos)
+    i3d = None
+    if args.fvd_i3d:
+        try:
+            i3d = torch.jit.load(args.fvd_i3d, map_location=device).eval()
+        except Exception as e:
+            raise RiverError(f"--fvd-i3d {args.fvd_i3d} is not a loadable TorchScript I3D ({e})")
+    result = evaluate(model, clips, context, args.samples, args.steps, args.warm_start,
+                      args.solver, seed=args.seed, i3d=i3d)
+    result["protocol"] = {"data": args.data, "split": split, "videos": len(clips),
+                          "context": context, "predicted": frames, "samples": args.samples,
+                          "seed": args.seed, "steps": args.steps or cfg.sample_steps,
+                          "warm_start": cfg.warm_start if args.warm_start is None
+                          else args.warm_start, "solver": args.solver}
+    print_eval(result)
+    out = args.out or os.path.join(args.run if os.path.isdir(args.run) else ".", "eval")
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot_per_frame(result, out + "_psnr.png", context)
+    print(json.dumps({k: v for k, v in result.items() if "per_frame" not in str(v)} |
+                     {n: {m: result[n][m] for m in ("psnr", "ssim")}
+                      for n in ("model_mean", "model_best", "copy_last")}))
+    print(f"wrote {out}.json and {out}_psnr.png")
+    return result
+
+
+def print_eval(r):
+    p = r["protocol"]
+    print(f"{p['videos']} videos of split {p['split']!r}: {p['context']} context -> "
+          f"{p['predicted']} predicted frames, {p['samples']} sample(s) each, seed {p['seed']}, "
+          f"{p['solver']} {p['steps']} steps, warm start {p['warm_start']}")
+    print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
+    for name, label in (("model_mean", "model (mean of samples)"),
+                        ("model_best", f"model (best of {p['samples']})"),
+                        ("copy_last", "copy last frame")):
+        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}")
+    print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
+          "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
+                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="river.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q):
+        q.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        q.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train the autoencoder, then the flow model")
+    common(t)
+    t.add_argument("--data", required=True, help="HDF5 file or shard directory (data_prep.py)")
+    t.add_argument("--run", default="runs/tiny", help="run directory (default: runs/tiny)")
+    t.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--stage", default="all", choices=("ae", "flow", "all"))
+    t.add_argument("--ae", help="reuse the autoencoder of this ae.pt/flow.pt (skips stage 1)")
+    t.add_argument("--steps", type=int, help="optimizer steps of the stage(s) being trained")
+    t.add_argument("--ae-steps", type=int)
+    t.add_argument("--flow-steps", type=int)
+    t.add_argument("--batch-size", type=int, help="clips (flow) or frames (ae) per step and rank")
+    t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--conditioning", choices=("random", "last", "fixed"),
+                   help="past frame used as condition: random (paper), last, fixed (ablations)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+
+    def sampling(q):
+        common(q)
+        q.add_argument("--data", help="HDF5 file or shard directory")
+        q.add_argument("--split", default="test")
+        q.add_argument("--context", type=int, help="context frames (default: the preset's)")
+        q.add_argument("--frames", type=int, help="frames to predict")
+        q.add_argument("--steps", type=int, help="ODE steps per frame (default: the preset's)")
+        q.add_argument("--warm-start", type=float, help="start time s in [0, 1)")
+        q.add_argument("--solver", default="euler", help="euler, midpoint or rk4")
+
+    s = sub.add_parser("sample", help="predict videos; writes a GIF and a PNG grid")
+    sampling(s)
+    s.add_argument("--run", default="runs/tiny", help="run directory")
+    s.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run)")
+    s.add_argument("--input", help="your own clip: a folder of frames or a .npy (T, H, W[, C])")
+    s.add_argument("--num", type=int, default=4, help="videos to predict")
+    s.add_argument("--out", default="pred.gif")
+
+    e = sub.add_parser("eval", help="PSNR/SSIM (and FVD) against the copy-last-frame baseline")
+    sampling(e)
+    e.add_argument("--run", default="runs/tiny", help="run directory or flow.pt")
+    e.add_argument("--samples", type=int, default=1, help="samples per video (best-of-N)")
+    e.add_argument("--videos", type=int, default=256, help="videos to evaluate (0: all)")
+    e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
+    e.add_argument("--out", help="output stem (default: RUN/eval)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    try:
+        if getattr(args, "data", None) is None and args.command != "sample":
+            raise RiverError("--data is required")
+        commands[args.command](args)
+    except (RiverError, data_prep.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Stop as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
