@@ -298,7 +298,11 @@ class ClipDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------
 
 def norm(ch):
-    return nn.GroupNorm(min(32, ch // 4), ch)
+    """GroupNorm with up to 32 groups of at least 4 channels."""
+    groups = max(1, min(32, ch // 4))
+    while ch % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, ch)
 
 
 class ResBlock(nn.Module):
@@ -923,7 +927,7 @@ def train_autoencoder(model, cfg, args, device):
         return {"recon_psnr": psnr_of_reconstruction(ae, heldout, device)}
 
     train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, args.run, device,
-                resume=args.resume, accum=args.accum, evaluate=evaluate)
+                resume=args.resume, accum=args.accum, evaluate=evaluate, ckpt_every=args.ckpt_every)
     psnr_db = psnr_of_reconstruction(model.ae, heldout, device)
     if rank == 0:
         print(f"autoencoder: {psnr_db:.2f} dB PSNR on {len(heldout)} held-out frames")
@@ -977,7 +981,8 @@ def train_flow(model, cfg, args, device):
 
     field, _ = train_stage("flow", model.field, loss_fn, batches, cfg.flow_steps, cfg.flow_lr, cfg,
                            args.run, device, resume=args.resume, ema_decay=cfg.ema_decay,
-                           accum=args.accum, extra={"ae": ae.state_dict()})
+                           accum=args.accum, extra={"ae": ae.state_dict()},
+                           ckpt_every=args.ckpt_every)
     model.field = field  # the EMA weights sample
     return model
 
@@ -996,9 +1001,11 @@ def ssim(a, b, window=11, sigma=1.5):
     """SSIM per image of a, b (..., C, H, W) in [-1, 1], on [0, 1] (Wang et al. 2004):
     an 11x11 Gaussian window with sigma 1.5, valid positions only, averaged over channels."""
     shape = a.shape[:-3]
-    a, b = ((x.float().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
+    # float64: var = E[x^2] - E[x]^2 cancels badly in float32 next to c2 = 9e-4
+    a, b = ((x.double().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
     C = a.shape[1]
-    g = torch.exp(-((torch.arange(window, device=a.device) - window // 2) ** 2) / (2 * sigma**2))
+    g = torch.exp(-((torch.arange(window, device=a.device, dtype=a.dtype) - window // 2) ** 2)
+                  / (2 * sigma**2))
     g = g / g.sum()
     kernel = (g[:, None] * g[None]).expand(C, 1, window, window)  # one window per channel
 
@@ -1010,7 +1017,7 @@ def ssim(a, b, window=11, sigma=1.5):
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).reshape(shape)
+    return s.flatten(1).mean(1).float().reshape(shape)
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -1251,7 +1258,7 @@ def cmd_train(args):
 def pick_split(path, wanted):
     """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
     splits = data_prep.splits_in(path)
-    if wanted in splits:
+    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
         return wanted
     other = next(s for s in ("val", "test", "train", *splits) if s in splits)
     print(f"note: {path} has no {wanted!r} split; using {other!r}")
@@ -1415,6 +1422,7 @@ def build_parser():
     t.add_argument("--conditioning", choices=("random", "last", "fixed"),
                    help="past frame used as condition: random (paper), last, fixed (ablations)")
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    t.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
 
     def sampling(q):
         common(q)

@@ -1,0 +1,687 @@
+"""data_prep: make and read the HDF5 video files that river trains on.
+
+One command line with four subcommands (each has --help):
+    frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
+    npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
+    synthetic  colored balls bouncing off the walls and off each other                    -> HDF5
+    info       per split: videos, frames per video, resolution, channels, dtype, size
+
+Layout written (the official RIVER layout, one copy per split, all splits in ONE file):
+    /train/len/0, /train/len/1, ...    scalar int: number of frames of video 0, 1, ...
+    /train/0/0, /train/0/1, ...        uint8 (H, W, C) frames of video 0, lzf-compressed
+    /val/...  /test/...                the same layout for the other splits (those that exist)
+
+Layout also read: the plain official layout (`len` and the video groups at the top level,
+no split groups), as one file or as a directory of *.h5/*.hdf5 shards, each shard numbering
+its videos from 0 and read in sorted file-name order. A plain file has no splits, so it is
+returned whatever split is asked for (train and test are then the SAME videos) and
+`splits_in` reports it as ['plain'].
+
+Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
+Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
+This module owns the format; it never imports river.py (river.py imports it).
+"""
+
+import argparse
+import bisect
+import os
+import re
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+PLAIN = "plain"  # what splits_in reports for a file in the plain (split-less) layout
+
+
+class DataError(ValueError):
+    """A problem with input data or files; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+def write_videos(out, splits, force=False, progress=True):
+    """Write {split name: iterable of uint8 (T, H, W, C) videos} to the HDF5 file `out`.
+
+    Atomic: the file is built as `out.tmp-<pid>` in the same directory and renamed onto
+    `out` only when complete; on any exception the temporary file is removed. Videos are
+    consumed lazily, so a generator keeps memory at one video.
+    """
+    out = Path(out)
+    if not splits:
+        raise DataError(f"nothing to write to {out}: no splits given")
+    if out.is_dir():
+        raise DataError(f"{out} is a directory; pass a file path such as {out / 'data.h5'}")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise DataError(f"output directory {out.parent} does not exist; create it first")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        # the 1.10 file format stores a small dataset in ~1/5 of the bytes of the 1.8 default
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            for name, videos in splits.items():
+                _write_split(f.create_group(name), name, videos, progress)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_split(group, name, videos, progress):
+    """Write one split in the official layout into `group`."""
+    lengths = group.create_group("len")
+    total = len(videos) if hasattr(videos, "__len__") else None
+    shape = None
+    for i, video in enumerate(tqdm(videos, desc=f"writing {name}", total=total,
+                                   unit="video", disable=not progress)):
+        video = np.asarray(video)
+        if video.dtype != np.uint8 or video.ndim != 4:
+            raise DataError(f"split '{name}' video {i}: got {video.dtype} array of shape "
+                            f"{video.shape}; videos must be uint8 (T, H, W, C)")
+        shape = shape or video.shape[1:]
+        if video.shape[1:] != shape:
+            raise DataError(f"split '{name}': video {i} has frames {video.shape[1:]} but "
+                            f"video 0 has {shape}; resize all videos to one resolution")
+        frames = group.create_group(str(i))
+        for t, frame in enumerate(video):
+            # one chunk per frame: frames are always read whole
+            frames.create_dataset(str(t), data=frame, chunks=shape, compression="lzf")
+        lengths.create_dataset(str(i), data=len(video))
+    if shape is None:
+        raise DataError(f"split '{name}' has no videos; add videos or leave the split out")
+
+
+class _LazyVideos:
+    """A sized iterable that loads each video only when the writer reaches it."""
+
+    def __init__(self, items, load):
+        self.items, self.load = items, load
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return map(self.load, self.items)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+
+def _shard_paths(path):
+    """The HDF5 files behind `path`: the file itself, or the sorted shards of a directory."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.suffix in (".h5", ".hdf5"))
+        if not shards:
+            raise DataError(f"{path} holds no *.h5 or *.hdf5 files; pass a video file or a "
+                            f"directory of shards")
+        return shards
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path or create it with "
+                        f"`python data_prep.py synthetic --out {path}`")
+    return [path]
+
+
+def _open(path):
+    """Open an HDF5 file read-only, turning h5py's OSError into a one-line DataError."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        detail = re.search(r"\((.*)\)", str(e))  # h5py: "Unable to open file (<why>)"
+        reason = detail.group(1) if detail else str(e)
+        raise DataError(f"{path} is not a readable HDF5 file ({reason}); it may be truncated "
+                        f"or not HDF5 at all: re-create or re-download it") from None
+
+
+def _split_names(f):
+    """Top-level groups of `f` that hold a `len` group, official split names first."""
+    names = [k for k in f if isinstance(f[k], h5py.Group) and "len" in f[k]]
+    return sorted(names, key=lambda k: (SPLITS.index(k) if k in SPLITS else len(SPLITS), k))
+
+
+def _split_group(f, path, split):
+    """The group holding `split` in file `f`; for the plain layout, the file itself."""
+    if "len" in f:
+        return f
+    if isinstance(f.get(split), h5py.Group):
+        return f[split]
+    have = _split_names(f)
+    if have:
+        raise DataError(f"{path}: split '{split}' not in file; it has: {', '.join(have)}; "
+                        f"ask for one of those")
+    raise DataError(f"{path}: no 'len' group and no split groups ({', '.join(SPLITS)}); not a "
+                    f"RIVER video file: convert the data with data_prep.py")
+
+
+def splits_in(path):
+    """Splits stored at `path`, e.g. ['train', 'val', 'test']; ['plain'] for the plain
+    official layout (then any split name reads the whole file). Shards share one layout,
+    so a directory is judged by its first shard."""
+    path0 = _shard_paths(path)[0]
+    with _open(path0) as f:
+        if "len" in f:
+            return [PLAIN]
+        names = _split_names(f)
+    if not names:
+        raise DataError(f"{path0}: no 'len' group and no split groups ({', '.join(SPLITS)}); "
+                        f"not a RIVER video file: convert the data with data_prep.py")
+    return names
+
+
+def _scan(group, where):
+    """Validate one official-layout group; return (lengths, frame shape of each video)."""
+    if "len" not in group:
+        raise DataError(f"{where}: no 'len' group; not a RIVER video file: convert the data "
+                        f"with data_prep.py")
+    lens, keys = group["len"], set(group.keys())
+    lengths, shapes = [], []
+    for i in range(len(lens)):
+        name = str(i)
+        if name not in lens:
+            raise DataError(f"{where}: 'len' has {len(lens)} entries but no len/{i}; the file "
+                            f"is damaged: re-create it")
+        if name not in keys:
+            raise DataError(f"{where}: video group '{i}' missing (len/{i} exists); the file is "
+                            f"incomplete: re-create it")
+        length, video = int(lens[name][()]), group[name]
+        if len(video) < length:
+            raise DataError(f"{where}: video '{i}' has {len(video)} frames but len/{i} says "
+                            f"{length}; the file is incomplete: re-create it")
+        first = video["0"] if length else None
+        if first is not None and (first.dtype != np.uint8 or first.ndim != 3):
+            raise DataError(f"{where}: frame {i}/0 is {first.dtype} {first.shape}; frames must "
+                            f"be uint8 (H, W, C): re-convert with data_prep.py")
+        lengths.append(length)
+        shapes.append(first.shape if first is not None else None)
+    return lengths, shapes
+
+
+class VideoStore:
+    """Read-only view of ONE split of a RIVER HDF5 file, or of a shard directory.
+
+    Attributes: `lengths` (frames per video), `frame_shape` (H, W, C), `nbytes`
+    (uncompressed bytes of all frames). HDF5 handles are opened lazily and reopened in a
+    new process (DataLoader workers fork), and never pickled.
+    """
+
+    def __init__(self, path, split="train"):
+        self.path, self.split = Path(path), split
+        self._files = _shard_paths(path)
+        self.lengths, shapes, self._starts, self._groups = [], [], [], []
+        for file in self._files:
+            with _open(file) as f:
+                group = _split_group(f, file, split)
+                self._groups.append(group.name)
+                lengths, file_shapes = _scan(group, f"{file}:{group.name}")
+            self._starts.append(len(self.lengths))
+            self.lengths += lengths
+            shapes += file_shapes
+        if not self.lengths:
+            raise DataError(f"{self.path}: split '{split}' holds no videos; write some videos "
+                            f"to it or pick another split")
+        self.frame_shape = _common_shape(shapes, self.path, split)
+        self.nbytes = sum(self.lengths) * int(np.prod(self.frame_shape))
+        self._handles, self._pid = None, None
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def _group(self, k):
+        """Group of shard k, (re)opening the files if this process has not opened them."""
+        if self._pid != os.getpid():  # fresh store, or a forked worker: never share handles
+            self._handles, self._pid = [None] * len(self._files), os.getpid()
+        if self._handles[k] is None:
+            self._handles[k] = _open(self._files[k])
+        return self._handles[k][self._groups[k]]
+
+    def read(self, video, start, stop, step=1):
+        """Frames start, start+step, ... < stop of `video` as uint8 (T, H, W, C)."""
+        if not 0 <= video < len(self):
+            raise IndexError(f"video {video} out of range: {self.path} split '{self.split}' "
+                             f"has {len(self)} videos")
+        if not 0 <= start <= stop <= self.lengths[video] or step < 1:
+            raise IndexError(f"frames {start}:{stop}:{step} out of range for video {video} "
+                             f"with {self.lengths[video]} frames")
+        k = bisect.bisect_right(self._starts, video) - 1
+        frames = self._group(k)[str(video - self._starts[k])]
+        indices = range(start, stop, step)
+        out = np.empty((len(indices), *self.frame_shape), np.uint8)
+        try:
+            for j, t in enumerate(indices):
+                # the raw HDF5 call: h5py's frames[name][()] costs 3x more per small frame,
+                # but it copies without checking sizes, so check the shape first
+                frame = h5py.h5d.open(frames.id, str(t).encode())
+                if frame.shape != self.frame_shape:
+                    raise ValueError(f"frame shape {frame.shape}, expected {self.frame_shape}")
+                frame.read(h5py.h5s.ALL, h5py.h5s.ALL, out[j])
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{self._files[k]}: cannot read frame {t} of video {video} "
+                            f"({e}); the file is damaged: re-create it") from None
+        return out
+
+    def close(self):
+        """Close the open files (they reopen on the next read)."""
+        for handle in self._handles or []:
+            if handle is not None:
+                handle.close()
+        self._handles, self._pid = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = None, None  # h5py handles cannot cross processes
+        return state
+
+
+def _common_shape(shapes, path, split):
+    """The one frame shape of a split; name two videos that disagree if there is none."""
+    known = [(i, s) for i, s in enumerate(shapes) if s is not None]
+    if not known:
+        raise DataError(f"{path}: every video of split '{split}' has 0 frames; re-create it")
+    first_video, first = known[0]
+    for i, shape in known:
+        if shape != first:
+            raise DataError(f"{path}: mixed resolutions in split '{split}': video {first_video} "
+                            f"has frames {first}, video {i} has {shape}; re-convert with one "
+                            f"--image_size")
+    return first
+
+
+# ---------------------------------------------------------------------------------------
+# frames: folders of images -> HDF5
+# ---------------------------------------------------------------------------------------
+
+def _natural_key(path):
+    """Sort key that orders 'frame_2' before 'frame_10' (and zero-padded names as usual)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _load_image(path, size):
+    """One image file as uint8 (size, size, 3) RGB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            # LANCZOS low-passes before subsampling, so downsizing does not alias
+            image = image.resize((size, size), Image.LANCZOS)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _load_video(folder, extension, size):
+    frames = sorted(folder.glob(f"*.{extension}"), key=_natural_key)
+    if not frames:
+        raise DataError(f"no *.{extension} frames in {folder}; pass --extension matching "
+                        f"your image files")
+    return np.stack([_load_image(p, size) for p in frames])
+
+
+def convert_frames(data_dir, out, image_size, extension="png", force=False, progress=True):
+    """data_dir/{train,val,test}/<video>/<frame>.<ext> -> one HDF5 file with those splits."""
+    data_dir, extension = Path(data_dir), extension.lstrip(".")
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a directory; pass --data_dir holding train/, "
+                        f"val/ and/or test/")
+    splits = {}
+    for split in SPLITS:
+        if (data_dir / split).is_dir():
+            videos = sorted((d for d in (data_dir / split).iterdir() if d.is_dir()),
+                            key=_natural_key)
+            if not videos:
+                raise DataError(f"no video folders in {data_dir / split}; expected "
+                                f"{split}/<video>/<frame>.{extension}")
+            splits[split] = _LazyVideos(videos, lambda d: _load_video(d, extension, image_size))
+    if not splits:
+        raise DataError(f"no split directories in {data_dir}; expected "
+                        f"{data_dir}/train/<video>/<frame>.{extension} (and/or val/, test/)")
+    write_videos(out, splits, force, progress)
+
+
+# ---------------------------------------------------------------------------------------
+# npy: one array of videos -> HDF5
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_LAYOUT = {4: "TNHW", 5: "NTHWC"}  # 4-D as Moving MNIST's (T, N, H, W)
+
+
+def _to_nthwc(array, layout):
+    """View `array` with axes named by `layout` as (N, T, H, W, C); C = 1 when absent."""
+    layout = layout.upper()
+    if sorted(layout) not in (sorted("NTHW"), sorted("NTHWC")) or len(layout) != array.ndim:
+        raise DataError(f"layout '{layout}' does not fit an array of shape {array.shape}; pass "
+                        f"--layout with one letter per axis from N, T, H, W and optional C")
+    if "C" not in layout:
+        array, layout = array[..., None], layout + "C"
+    return array.transpose([layout.index(axis) for axis in "NTHWC"])
+
+
+def _uint8_converter(array):
+    """A function mapping one video of `array` to uint8; float must lie in [0, 1]."""
+    if array.dtype == np.uint8:
+        return np.asarray
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(array.min()), float(array.max())
+        if low >= 0 and high <= 1:
+            return lambda v: np.round(np.asarray(v, np.float32) * 255).astype(np.uint8)
+        raise DataError(f"float values span [{low:g}, {high:g}]; scale them to [0, 1] or "
+                        f"convert the array to uint8")
+    raise DataError(f"array dtype {array.dtype} is not supported; convert it to uint8 "
+                    f"(0..255) or float in [0, 1]")
+
+
+def _resize_video(video, size):
+    """uint8 (T, H, W, C) -> (T, size, size, C) with Pillow."""
+    from PIL import Image
+
+    if video.shape[1:3] == (size, size):
+        return video
+    mode = "L" if video.shape[-1] == 1 else "RGB"
+    frames = [np.asarray(Image.fromarray(f.squeeze(-1) if mode == "L" else f, mode)
+                         .resize((size, size), Image.LANCZOS)) for f in video]
+    return np.stack(frames).reshape(len(video), size, size, -1)
+
+
+def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=0.0,
+                image_size=None, force=False, progress=True):
+    """An array of videos in a .npy file -> HDF5.
+
+    All videos go to `split`, except that `val_frac` / `test_frac` of them (the LAST ones,
+    in file order, so the result is reproducible) go to 'val' / 'test'.
+    """
+    try:
+        array = np.load(input, mmap_mode="r")  # memory-mapped: large files stream
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load {input} as .npy ({e}); pass a file saved by numpy.save")
+    layout = layout or DEFAULT_LAYOUT.get(array.ndim)
+    if layout is None:
+        raise DataError(f"{input} has shape {array.shape}; expected 4-D or 5-D videos: pass "
+                        f"--layout naming each axis")
+    videos = _to_nthwc(array, layout)
+    if videos.shape[-1] not in (1, 3):
+        raise DataError(f"{input}: {videos.shape[-1]} channels; need 1 (gray) or 3 (RGB): "
+                        f"check --layout")
+    to_uint8 = _uint8_converter(array)
+
+    def load(n):
+        video = to_uint8(videos[n])
+        video = _resize_video(video, image_size) if image_size else video
+        return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+
+    write_videos(out, _fraction_splits(len(videos), split, val_frac, test_frac, load),
+                 force, progress)
+
+
+def _fraction_splits(count, split, val_frac, test_frac, load):
+    """{name: lazy videos}: the last val_frac + test_frac of `count` videos go to val, test."""
+    n_val, n_test = round(count * val_frac), round(count * test_frac)
+    n_main = count - n_val - n_test
+    if n_main < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
+        raise DataError(f"{count} videos cannot be split with --val_frac {val_frac} and "
+                        f"--test_frac {test_frac}; every split needs at least one video")
+    if (split == "val" and n_val) or (split == "test" and n_test):
+        raise DataError(f"--split {split} clashes with --{split}_frac; pick another --split")
+    bounds = [(split, 0, n_main), ("val", n_main, n_main + n_val),
+              ("test", n_main + n_val, count)]
+    return {name: _LazyVideos(range(a, b), load) for name, a, b in bounds if b > a}
+
+
+# ---------------------------------------------------------------------------------------
+# synthetic: bouncing balls
+# ---------------------------------------------------------------------------------------
+# Balls move at constant velocity between collisions, so two past frames fix the future
+# up to collisions: the demo task a video predictor must learn. Sizes and speeds below are
+# for a 32-pixel frame and scale with the frame size.
+
+PALETTE = np.array([[255, 64, 64], [64, 255, 64], [80, 128, 255], [255, 230, 50],
+                    [255, 64, 255], [64, 255, 255], [255, 150, 30], [255, 255, 255]], np.float32)
+RADIUS = (3.0, 5.0)  # px at size 32
+SPEED = (1.0, 2.5)   # px per frame at size 32
+MAX_STEP = 0.25      # px a ball may move per simulation sub-step
+
+
+def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
+    """Render `num_videos` videos of 1..max_balls colored balls on black.
+
+    Returns (videos, state): videos uint8 (N, T, S, S, 3), and state, a dict of
+    pos (N, T, B, 2) ball centres (x, y) in pixels, vel (N, T, B, 2) in pixels per frame,
+    radius (N, B), color (N, B, 3), active (N, B) bool; B = max_balls, and ball b of
+    video n exists only where active[n, b] (videos have different ball counts).
+    """
+    if not 1 <= max_balls <= len(PALETTE):
+        raise DataError(f"--max_balls {max_balls} out of range; use 1..{len(PALETTE)}")
+    if size < 16 or frames < 1 or num_videos < 1:
+        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
+                        f"frames {frames}, videos {num_videos}")
+    rng = np.random.default_rng(seed)
+    scale = size / 32
+    active = np.arange(max_balls) < rng.integers(1, max_balls + 1, num_videos)[:, None]
+    radius = rng.uniform(*RADIUS, (num_videos, max_balls)) * scale * active  # (N, B)
+    pos = _place_balls(rng, radius, active, size)                             # (N, B, 2)
+    angle = rng.uniform(0, 2 * np.pi, (num_videos, max_balls))
+    speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * active
+    vel = np.stack([np.cos(angle), np.sin(angle)], -1) * speed[..., None]     # (N, B, 2)
+    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
+    color = PALETTE[palette_order[:, :max_balls]]                             # (N, B, 3)
+    # Equal masses share kinetic energy, so no ball can exceed sqrt(B) times the top speed.
+    substeps = int(np.ceil(SPEED[1] * scale * np.sqrt(max_balls) / MAX_STEP))
+    pos, vel = _simulate(pos, vel, radius, active, frames, size, substeps)
+    videos = _render(pos, radius, color, active, size)
+    return videos, dict(pos=pos, vel=vel, radius=radius, color=color, active=active)
+
+
+def _place_balls(rng, radius, active, size, gap=1.0, tries=1000):
+    """Random centres, balls fully inside the frame and at least `gap` px apart."""
+    num_videos, max_balls = radius.shape
+    pos = np.zeros((num_videos, max_balls, 2))
+    for b in range(max_balls):
+        todo = active[:, b].copy()
+        for _ in range(tries):
+            if not todo.any():
+                break
+            r = radius[todo, b, None]
+            pos[todo, b] = r + rng.random((todo.sum(), 2)) * (size - 2 * r)
+            apart = (np.linalg.norm(pos[:, b, None] - pos[:, :b], axis=-1)  # (N, b)
+                     - radius[:, b, None] - radius[:, :b])
+            todo = active[:, b] & ((apart < gap) & active[:, :b]).any(1)
+        if todo.any():
+            raise DataError(f"cannot place {max_balls} balls apart in {size}x{size} frames; "
+                            f"use a larger --size or a smaller --max_balls")
+    return pos
+
+
+def _simulate(pos, vel, radius, active, frames, size, substeps):
+    """Advance all videos at once; return per-frame pos and vel, (N, T, B, 2) each."""
+    pos, vel = pos.copy(), vel.copy()
+    num_videos, max_balls = radius.shape
+    pairs = [(i, j) for i in range(max_balls) for j in range(i + 1, max_balls)]
+    out_pos = np.empty((num_videos, frames, max_balls, 2))
+    out_vel = np.empty_like(out_pos)
+    out_pos[:, 0], out_vel[:, 0] = pos, vel
+    for t in range(1, frames):
+        for _ in range(substeps):
+            pos += vel / substeps
+            _bounce_walls(pos, vel, radius, size)
+            for i, j in pairs:
+                _collide(pos, vel, radius, active, i, j)
+        out_pos[:, t], out_vel[:, t] = pos, vel
+    return out_pos, out_vel
+
+
+def _bounce_walls(pos, vel, radius, size):
+    """Mirror a ball that crossed a wall back inside; flip that velocity component."""
+    low, high = radius[..., None], size - radius[..., None]  # allowed centre range
+    below, above = pos < low, pos > high
+    pos[:] = np.where(below, 2 * low - pos, np.where(above, 2 * high - pos, pos))
+    vel[:] = np.where(below, np.abs(vel), np.where(above, -np.abs(vel), vel))
+
+
+def _collide(pos, vel, radius, active, i, j):
+    """Elastic collision of balls i and j (equal masses) where they touch and approach."""
+    delta = pos[:, j] - pos[:, i]                                  # (N, 2)
+    dist = np.linalg.norm(delta, axis=-1)                          # (N,)
+    normal = delta / np.maximum(dist, 1e-9)[:, None]
+    closing = ((vel[:, j] - vel[:, i]) * normal).sum(-1)           # < 0: approaching
+    hit = active[:, i] & active[:, j] & (dist < radius[:, i] + radius[:, j]) & (closing < 0)
+    # equal masses swap the velocity components along the line of centres
+    swap = (closing * hit)[:, None] * normal
+    vel[:, i] += swap
+    vel[:, j] -= swap
+
+
+def _render(pos, radius, color, active, size, chunk=64):
+    """Anti-aliased discs: coverage falls from 1 to 0 over one pixel across the edge,
+    so sub-pixel motion changes the image. Overlapping balls add their light (overlaps
+    are brief: balls bounce on contact). Returns uint8 (N, T, S, S, 3)."""
+    num_videos, frames, max_balls, _ = pos.shape
+    centres = np.arange(size, dtype=np.float32) + 0.5                 # pixel centres
+    r = radius.astype(np.float32)[:, None, :, None, None]            # (N, 1, B, 1, 1)
+    on = active[:, None, :, None, None]                               # (N, 1, B, 1, 1)
+    videos = np.empty((num_videos, frames, size, size, 3), np.uint8)
+    for a in range(0, num_videos, chunk):
+        p = pos[a:a + chunk].astype(np.float32)                        # (n, T, B, 2)
+        dx = centres - p[..., 0, None]                                 # (n, T, B, W)
+        dy = centres - p[..., 1, None]                                 # (n, T, B, H)
+        dist = np.sqrt(dy[..., :, None] ** 2 + dx[..., None, :] ** 2)  # (n, T, B, H, W)
+        alpha = np.clip(r[a:a + chunk] - dist + 0.5, 0, 1) * on[a:a + chunk]
+        # sum over balls of coverage x colour: (n, T, H, W, B) @ (n, 1, B, 3) -> (n, T, H, W, 3)
+        image = np.moveaxis(alpha, 2, -1) @ color[a:a + chunk, None, None]
+        videos[a:a + chunk] = np.round(np.minimum(image, 255))
+    return videos
+
+
+def _synthetic_splits(videos):
+    """80/10/10 train/val/test in video order, each split at least one video."""
+    count = len(videos)
+    if count < 3:
+        raise DataError(f"--videos {count} is too few; need at least 3 (train, val, test)")
+    n_held = max(1, round(count * 0.1))
+    return {"train": videos[:count - 2 * n_held], "val": videos[count - 2 * n_held:count - n_held],
+            "test": videos[count - n_held:]}
+
+
+# ---------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------
+
+def _megabytes(nbytes):
+    return f"{nbytes / 1e6:.3g} MB"
+
+
+def info(path, file=None):
+    """Print a table to `file` (default stdout): one row per split."""
+    header = ("split", "videos", "frames min/med/max", "resolution", "C", "dtype", "raw size")
+    rows = []
+    for split in splits_in(path):
+        with VideoStore(path, split) as store:
+            n = np.array(store.lengths)
+            h, w, c = store.frame_shape
+            rows.append((split, str(len(store)),
+                         f"{n.min()}/{np.median(n):g}/{n.max()}", f"{h}x{w}", str(c), "uint8",
+                         _megabytes(store.nbytes)))
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)), file=file)
+    on_disk = sum(p.stat().st_size for p in _shard_paths(path))
+    print(f"on disk: {_megabytes(on_disk)} for all splits, compressed ({path})", file=file)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def _flag(parser, name, *aliases, **kwargs):
+    """--some_flag, also accepted as --some-flag (the official scripts use underscores)."""
+    names = [f"--{name}", *(f"--{a}" for a in aliases)]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*names, **kwargs)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("frames", help="image folders -> HDF5",
+                            description="Convert data_dir/{train,val,test}/<video>/<frame>.<ext> "
+                            "(videos and frames in natural name order: frame_2 before frame_10) "
+                            "to one HDF5 file, frames resized to image_size x image_size RGB "
+                            "(LANCZOS; aspect ratio not kept).")
+    _flag(p, "data_dir", required=True, help="folder holding train/, val/ and/or test/")
+    _flag(p, "out", "out_dir", required=True, help="output .h5 file (--out_dir: same)")
+    _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
+    _flag(p, "extension", default="png", help="image file extension (default png)")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
+    p = commands.add_parser("npy", help="one .npy array of videos -> HDF5",
+                            description="Convert an array of videos to HDF5. uint8 is kept; "
+                            "float must lie in [0, 1] and is scaled to 0..255. Grayscale (no C "
+                            "axis, or C=1) is replicated to 3 channels. All videos go to --split "
+                            "except the LAST --val_frac / --test_frac of them, which go to "
+                            "val / test.")
+    _flag(p, "input", required=True, help="the .npy file")
+    _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "layout", help="axis letters from N T H W [C]; default TNHW for 4-D (Moving "
+          "MNIST), NTHWC for 5-D")
+    _flag(p, "split", default="train", help="split for the videos (default train)")
+    _flag(p, "val_frac", type=float, default=0.0, help="fraction of videos for val (default 0)")
+    _flag(p, "test_frac", type=float, default=0.0, help="fraction for test (default 0)")
+    _flag(p, "image_size", type=int, help="resize frames to this side (default: keep)")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
+    p = commands.add_parser("synthetic", help="bouncing balls -> HDF5",
+                            description="Colored balls bouncing elastically off the walls and "
+                            "each other, anti-aliased, on black. Split 80/10/10 into train/val/"
+                            "test in video order (each at least 1 video). Deterministic per seed.")
+    _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "videos", type=int, default=1000, help="number of videos (default 1000)")
+    _flag(p, "frames", type=int, default=32, help="frames per video (default 32)")
+    _flag(p, "size", type=int, default=32, help="frame side in pixels (default 32)")
+    _flag(p, "seed", type=int, default=0, help="random seed (default 0)")
+    _flag(p, "max_balls", type=int, default=3, help="1..max_balls balls per video (default 3)")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
+    p = commands.add_parser("info", help="describe a video file",
+                            description="Per split: videos, frames per video, resolution, "
+                            "channels, dtype, uncompressed size; then the size on disk.")
+    p.add_argument("path", help="an .h5 file or a directory of shards")
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (2 on a DataError, no traceback)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "frames":
+            convert_frames(args.data_dir, args.out, args.image_size, args.extension, args.force)
+        elif args.command == "npy":
+            convert_npy(args.input, args.out, args.layout, args.split, args.val_frac,
+                        args.test_frac, args.image_size, args.force)
+        elif args.command == "synthetic":
+            if Path(args.out).exists() and not args.force:  # fail before generating
+                raise DataError(f"{args.out} already exists; pass --force to overwrite it")
+            videos, _ = bouncing_balls(args.videos, args.frames, args.size, args.seed,
+                                       args.max_balls)
+            write_videos(args.out, _synthetic_splits(videos), args.force)
+        else:
+            info(args.path)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Tests of data_prep: round trips through every writer, the plain official layout, the
+bouncing-balls physics, and one DataError per kind of bad input."""
+
+import multiprocessing
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_prep
+from data_prep import DataError, VideoStore, main, splits_in, write_videos
+
+SCRIPT = Path(data_prep.__file__)
+
+
+def random_videos(rng, count, frames=4, size=8):
+    return [rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def write_plain(path, videos):
+    """A file in the plain official layout, written with raw h5py (no data_prep)."""
+    with h5py.File(path, "w") as f:
+        f.create_group("len")
+        for i, video in enumerate(videos):
+            f["len"].create_dataset(str(i), data=len(video))
+            group = f.create_group(str(i))
+            for t, frame in enumerate(video):
+                group.create_dataset(str(t), data=frame, compression="lzf")
+
+
+def read_all(store):
+    return [store.read(i, 0, n) for i, n in enumerate(store.lengths)]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def small_h5(tmp_path, rng):
+    """A data_prep file with train (3 videos) and test (2 videos); returns (path, splits)."""
+    splits = {"train": random_videos(rng, 3, frames=5), "test": random_videos(rng, 2)}
+    path = tmp_path / "small.h5"
+    write_videos(path, splits, progress=False)
+    return path, splits
+
+
+# ---------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------
+
+def test_write_read_round_trip(small_h5):
+    path, splits = small_h5
+    assert splits_in(path) == ["train", "test"]
+    for name, videos in splits.items():
+        with VideoStore(path, name) as store:
+            assert len(store) == len(videos)
+            assert store.lengths == [len(v) for v in videos]
+            assert store.frame_shape == (8, 8, 3)
+            assert store.nbytes == sum(v.size for v in videos)
+            for got, want in zip(read_all(store), videos):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_read_with_step_and_bounds(small_h5):
+    path, splits = small_h5
+    store = VideoStore(path, "train")
+    np.testing.assert_array_equal(store.read(1, 1, 5, 2), splits["train"][1][1:5:2])
+    assert store.read(0, 2, 2).shape == (0, 8, 8, 3)
+    with pytest.raises(IndexError):
+        store.read(3, 0, 1)
+    with pytest.raises(IndexError):
+        store.read(0, 0, 6)
+
+
+def test_frames_cli_round_trip(tmp_path, rng):
+    # Names chosen so that plain string order would be wrong: 'f2' < 'f10', 'v9' < 'v10'.
+    frame_names = ["f1.png", "f2.png", "f10.png"]
+    layout = {"train": ["v9", "v10", "clip_a"], "test": ["only"]}
+    want = {}
+    for split, names in layout.items():
+        for name in names:
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            video = rng.integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
+            for frame, file in zip(video, frame_names):
+                Image.fromarray(frame).save(folder / file)
+            want[split, name] = video
+    (tmp_path / "data" / "train" / "v9" / "notes.txt").write_text("ignored")
+    out = tmp_path / "frames.h5"
+    assert main(["frames", "--data_dir", str(tmp_path / "data"), "--out", str(out),
+                 "--image_size", "6"]) == 0
+    assert splits_in(out) == ["train", "test"]
+    train = VideoStore(out, "train")
+    for i, name in enumerate(["clip_a", "v9", "v10"]):  # natural order of video folders
+        np.testing.assert_array_equal(train.read(i, 0, 3), want["train", name])
+    np.testing.assert_array_equal(VideoStore(out, "test").read(0, 0, 3), want["test", "only"])
+
+
+def test_frames_resize_and_gray_to_rgb(tmp_path):
+    folder = tmp_path / "data" / "val" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((20, 12), 200, np.uint8)).save(folder / "0.jpg")
+    out = tmp_path / "r.h5"
+    assert main(["frames", "--data-dir", str(tmp_path / "data"), "--out_dir", str(out),
+                 "--image_size", "8", "--extension", ".jpg"]) == 0
+    frames = VideoStore(out, "val").read(0, 0, 1)
+    assert frames.shape == (1, 8, 8, 3)
+    assert np.abs(frames.astype(int) - 200).max() <= 3
+
+
+def test_npy_tnhw_gray_is_replicated(tmp_path, rng):
+    array = rng.integers(0, 256, (5, 4, 8, 8), dtype=np.uint8)  # (T, N, H, W): Moving MNIST
+    np.save(tmp_path / "mm.npy", array)
+    out = tmp_path / "mm.h5"
+    assert main(["npy", "--input", str(tmp_path / "mm.npy"), "--out", str(out),
+                 "--test_frac", "0.25"]) == 0
+    train, test = VideoStore(out, "train"), VideoStore(out, "test")
+    assert (len(train), len(test)) == (3, 1)
+    got = read_all(train) + read_all(test)
+    for n in range(4):
+        np.testing.assert_array_equal(got[n], np.repeat(array[:, n, :, :, None], 3, axis=-1))
+
+
+def test_npy_nthwc_float_and_layout(tmp_path, rng):
+    array = rng.integers(0, 256, (2, 3, 4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "f.npy", array.astype(np.float32) / 255)
+    assert main(["npy", "--input", str(tmp_path / "f.npy"), "--out", str(tmp_path / "f.h5"),
+                 "--split", "val"]) == 0
+    np.testing.assert_array_equal(np.stack(read_all(VideoStore(tmp_path / "f.h5", "val"))), array)
+    # the same videos stored as (T, N, C, H, W) need --layout
+    np.save(tmp_path / "c.npy", array.transpose(1, 0, 4, 2, 3))
+    assert main(["npy", "--input", str(tmp_path / "c.npy"), "--out", str(tmp_path / "c.h5"),
+                 "--layout", "TNCHW"]) == 0
+    np.testing.assert_array_equal(np.stack(read_all(VideoStore(tmp_path / "c.h5"))), array)
+
+
+def test_npy_bad_values(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((2, 2, 4, 4), 3.0, np.float32))
+    np.save(tmp_path / "int.npy", np.zeros((2, 2, 4, 4), np.int64))
+    with pytest.raises(DataError, match=r"float values span \[3, 3\]"):
+        data_prep.convert_npy(tmp_path / "big.npy", tmp_path / "o.h5", progress=False)
+    with pytest.raises(DataError, match="dtype int64 is not supported"):
+        data_prep.convert_npy(tmp_path / "int.npy", tmp_path / "o.h5", progress=False)
+    with pytest.raises(DataError, match="layout 'NTHWC' does not fit"):
+        data_prep.convert_npy(tmp_path / "big.npy", tmp_path / "o.h5", layout="NTHWC")
+
+
+def test_plain_official_layout_file_and_shards(tmp_path, rng):
+    videos = random_videos(rng, 5, frames=3) + random_videos(rng, 1, frames=7)
+    write_plain(tmp_path / "plain.hdf5", videos)
+    assert splits_in(tmp_path / "plain.hdf5") == ["plain"]
+    for split in ("train", "test", "plain"):  # the plain layout answers every split name
+        store = VideoStore(tmp_path / "plain.hdf5", split)
+        assert store.lengths == [3] * 5 + [7]
+        for got, want in zip(read_all(store), videos):
+            np.testing.assert_array_equal(got, want)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_plain(shards / "shard_0001.hdf5", videos[4:])  # each shard numbers videos from 0
+    write_plain(shards / "shard_0000.h5", videos[:4])
+    store = VideoStore(shards, "val")
+    assert len(store) == 6 and splits_in(shards) == ["plain"]
+    for got, want in zip(read_all(store), videos):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_store_pickles_and_survives_fork(small_h5):
+    path, splits = small_h5
+    store = VideoStore(path, "train")
+    store.read(0, 0, 1)  # opens a handle, which must not travel
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone.read(2, 0, 5), splits["train"][2])
+    queue = multiprocessing.get_context("fork").SimpleQueue()
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: queue.put(store.read(1, 0, 5)))
+    child.start()
+    got = queue.get()
+    child.join()
+    np.testing.assert_array_equal(got, splits["train"][1])
+    np.testing.assert_array_equal(store.read(1, 0, 5), splits["train"][1])
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic bouncing balls
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def balls():
+    return data_prep.bouncing_balls(200, 40, 32, seed=1)
+
+
+def test_synthetic_deterministic_per_seed(balls):
+    videos, _ = data_prep.bouncing_balls(200, 40, 32, seed=1)
+    assert videos.shape == (200, 40, 32, 32, 3) and videos.dtype == np.uint8
+    assert videos.tobytes() == balls[0].tobytes()
+    other, _ = data_prep.bouncing_balls(200, 40, 32, seed=2)
+    assert other.tobytes() != videos.tobytes()
+
+
+def test_synthetic_balls_inside_and_apart(balls):
+    _, state = balls
+    pos, radius, active = state["pos"], state["radius"], state["active"]
+    r = radius[:, None, :, None]
+    inside = (pos >= r - 1e-9) & (pos <= 32 - r + 1e-9)
+    assert inside.all(-1)[np.broadcast_to(active[:, None], inside.shape[:-1])].all()
+    assert set(active.sum(1)) == {1, 2, 3}
+    start = pos[:, 0]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        both = active[:, i] & active[:, j]
+        gap = np.linalg.norm(start[:, i] - start[:, j], axis=-1) - radius[:, i] - radius[:, j]
+        assert (gap[both] >= 1).all()  # no overlap at the start
+
+
+def test_synthetic_physics(balls):
+    _, state = balls
+    pos, vel, radius, active = state["pos"], state["vel"], state["radius"], state["active"]
+    speed = np.linalg.norm(vel, axis=-1)  # (N, T, B)
+    # Kinetic energy: walls and elastic equal-mass collisions both conserve it.
+    energy = (speed ** 2).sum(-1)
+    np.testing.assert_allclose(energy, energy[:, :1].repeat(energy.shape[1], 1), rtol=1e-9)
+    assert (speed[:, 0][active] >= 1 - 1e-9).all()  # every ball starts moving
+    # A ball's speed changes only at a collision with another ball: it must be near one.
+    changed = np.abs(np.diff(speed, axis=1)) > 1e-9  # (N, T-1, B)
+    step = np.sqrt(energy[:, 0])                    # farthest any ball moves in one frame
+    n, t, b = np.nonzero(changed)
+    assert len(n) > 0, "some balls should collide"
+    others = pos[n, t + 1] - pos[n, t + 1, b][:, None]                   # (K, B, 2)
+    reach = radius[n, b][:, None] + radius[n] + 2 * step[n, None]         # (K, B)
+    near = np.linalg.norm(others, axis=-1) < reach
+    near[np.arange(len(b)), b] = False
+    assert (near & active[n]).any(1).all()
+    # Single-ball videos: speed is exactly constant, and motion per frame never exceeds it.
+    single = active.sum(1) == 1
+    one = vel[single, :, 0]  # (n, T, 2): walls flip a component, keep its size
+    np.testing.assert_allclose(np.abs(one), np.abs(one[:, :1]).repeat(40, 1))
+    moved = np.linalg.norm(np.diff(pos, axis=1), axis=-1)  # (N, T-1, B)
+    assert (moved[single] <= speed[single, 1:] + 1e-9).all()
+    # No ball can ever hold more than the video's whole kinetic energy.
+    assert (moved <= np.sqrt(energy[:, 1:, None]) + 1e-9).all()
+
+
+def test_synthetic_frames_change(balls):
+    videos, _ = balls
+    changes = np.abs(np.diff(videos.astype(np.int16), axis=1)).max(axis=(2, 3, 4))  # (N, T-1)
+    assert (changes > 0).mean() > 0.99
+    assert videos.max() == 255 and (videos[..., 0] == 0).mean() > 0.5  # bright on black
+
+
+def test_synthetic_cli_and_info(tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    assert main(["synthetic", "--out", str(out), "--videos", "20", "--frames", "6",
+                 "--size", "16", "--max-balls", "2"]) == 0
+    assert splits_in(out) == ["train", "val", "test"]
+    assert [len(VideoStore(out, s)) for s in ("train", "val", "test")] == [16, 2, 2]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "16x16" in text and "6/6/6" in text and "uint8" in text and "on disk" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[1:4]}
+    assert rows["train"][1] == "16" and rows["val"][1] == "2" and rows["test"][1] == "2"
+
+
+# ---------------------------------------------------------------------------------------
+# Bad inputs: one DataError each, naming the problem
+# ---------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        VideoStore(tmp_path / "nope.h5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \*\.h5 or \*\.hdf5 files"):
+        VideoStore(tmp_path / "empty")
+
+
+def test_not_hdf5_and_truncated(tmp_path, small_h5):
+    (tmp_path / "x.h5").write_text("hello, I am text\n")
+    with pytest.raises(DataError, match="not a readable HDF5 file"):
+        VideoStore(tmp_path / "x.h5")
+    path, _ = small_h5
+    data = path.read_bytes()
+    (tmp_path / "half.h5").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match="not a readable HDF5 file.*truncated"):
+        VideoStore(tmp_path / "half.h5", "train")
+
+
+def test_missing_len_video_and_split(tmp_path, rng, small_h5):
+    with h5py.File(tmp_path / "nolen.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match="no 'len' group"):
+        VideoStore(tmp_path / "nolen.h5")
+    write_plain(tmp_path / "hole.h5", random_videos(rng, 4))
+    with h5py.File(tmp_path / "hole.h5", "a") as f:
+        del f["3"]
+    with pytest.raises(DataError, match="video group '3' missing"):
+        VideoStore(tmp_path / "hole.h5")
+    path, _ = small_h5
+    with pytest.raises(DataError, match="split 'val' not in file; it has: train, test"):
+        VideoStore(path, "val")
+
+
+def test_mixed_resolutions(tmp_path, rng):
+    videos = random_videos(rng, 2, size=8) + random_videos(rng, 1, size=6)
+    write_plain(tmp_path / "mixed.h5", videos)
+    with pytest.raises(DataError, match=r"mixed resolutions.*video 0 has frames \(8, 8, 3\), "
+                                        r"video 2 has \(6, 6, 3\)"):
+        VideoStore(tmp_path / "mixed.h5")
+    # frame 0 fixes a video's shape; a later frame that differs is caught when read
+    videos[2] = random_videos(rng, 1, size=8)[0]
+    write_plain(tmp_path / "inner.h5", videos)
+    with h5py.File(tmp_path / "inner.h5", "a") as f:
+        del f["1/2"]
+        f["1"].create_dataset("2", data=np.zeros((9, 8, 3), np.uint8))
+    store = VideoStore(tmp_path / "inner.h5")
+    with pytest.raises(DataError, match=r"cannot read frame 2 of video 1 .*\(9, 8, 3\)"):
+        store.read(1, 0, 4)
+    videos[2] = random_videos(rng, 1, size=6)[0]
+    with pytest.raises(DataError, match="video 2 has frames"):
+        write_videos(tmp_path / "w.h5", {"train": videos}, progress=False)
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_empty_split_and_no_split_dirs(tmp_path):
+    with pytest.raises(DataError, match="split 'train' has no videos"):
+        write_videos(tmp_path / "e.h5", {"train": []}, progress=False)
+    (tmp_path / "data" / "other").mkdir(parents=True)
+    with pytest.raises(DataError, match="no split directories"):
+        data_prep.convert_frames(tmp_path / "data", tmp_path / "o.h5", 8)
+    (tmp_path / "data" / "train" / "v").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no \*\.png frames in .*pass --extension"):
+        data_prep.convert_frames(tmp_path / "data", tmp_path / "o.h5", 8, progress=False)
+
+
+def test_existing_output_needs_force(small_h5, capsys):
+    path, _ = small_h5
+    before = path.read_bytes()
+    assert main(["synthetic", "--out", str(path), "--videos", "3", "--frames", "2"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert main(["synthetic", "--out", str(path), "--videos", "3", "--frames", "2",
+                 "--force"]) == 0
+    assert len(VideoStore(path, "test")) == 1
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "info", str(tmp_path / "no.h5")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_crash_mid_write_leaves_nothing(tmp_path, rng):
+    def crashing():
+        yield from random_videos(rng, 2)
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_videos(tmp_path / "out.h5", {"train": random_videos(rng, 1), "test": crashing()},
+                     progress=False)
+    assert list(tmp_path.iterdir()) == []
