@@ -561,6 +561,14 @@ def _render(pos, radius, color, active, size, chunk=64):
     return videos
 
 
+def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, force=False):
+    """The built-in bouncing-balls data set, split 80/10/10, written to `out`."""
+    if Path(out).exists() and not force:  # fail before generating
+        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    clips, _ = bouncing_balls(videos, frames, size, seed, max_balls)
+    write_videos(out, _synthetic_splits(clips), force)
+
+
 def _synthetic_splits(videos):
     """80/10/10 train/val/test in video order, each split at least one video."""
     count = len(videos)
@@ -670,11 +678,8 @@ def main(argv=None):
             convert_npy(args.input, args.out, args.layout, args.split, args.val_frac,
                         args.test_frac, args.image_size, args.force)
         elif args.command == "synthetic":
-            if Path(args.out).exists() and not args.force:  # fail before generating
-                raise DataError(f"{args.out} already exists; pass --force to overwrite it")
-            videos, _ = bouncing_balls(args.videos, args.frames, args.size, args.seed,
-                                       args.max_balls)
-            write_videos(args.out, _synthetic_splits(videos), args.force)
+            write_synthetic(args.out, args.videos, args.frames, args.size, args.seed,
+                            args.max_balls, args.force)
         else:
             info(args.path)
     except DataError as e:

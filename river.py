@@ -63,13 +63,15 @@ def vq_nearest_reference(z, codebook):
 
 
 def euler_step_reference_(x, v, dt):
-    """x += dt * v, in place. Returns x."""
+    """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
+    the fused op keeps dt in float32.)"""
     return x.add_(v, alpha=dt)
 
 
 def _cuda_build_possible():
     from torch.utils.cpp_extension import CUDA_HOME
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return (torch.version.cuda is not None and CUDA_HOME is not None
+            and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")))
 
 
 @functools.cache
@@ -88,13 +90,21 @@ def load_kernels():
         try:
             import river_kernels  # noqa: F401  (built by setup.py; registers the ops)
         except ImportError:
+            import glob
+            import site
             from torch.utils.cpp_extension import load
-            sources = [os.path.join(CSRC, "river_ops.cpp")]
+            sources, includes = [os.path.join(CSRC, "river_ops.cpp")], []
             if _cuda_build_possible():
                 sources += [os.path.join(CSRC, f) for f in
                             ("river_ops_cuda.cpp", "euler_step.cu", "vq_nearest.cu")]
+                # ATen's CUDA headers want cusparse.h/cublas_v2.h from the pip CUDA wheels
+                includes = sorted(glob.glob(os.path.join(site.getsitepackages()[0], "nvidia",
+                                                         "*", "include")))
+            # -fopenmp: at::parallel_for is an OpenMP pragma; without it the kernels use one core
+            omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
             load(name="river_kernels", sources=sources, is_python_module=False,
-                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+                 extra_cflags=["-O3", *omp], extra_ldflags=omp, extra_cuda_cflags=["-O3"],
+                 extra_include_paths=includes, verbose=False)
         _register_fakes()
         return True
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
@@ -150,7 +160,7 @@ class Config:
     frame_skip: int = 1          # take every k-th frame of the video
     context: int = 2             # context frames for sampling and evaluation by default
     # VQ autoencoder
-    ae_channels: tuple = (32, 64, 128)   # width per resolution; len-1 halvings = downsampling
+    ae_channels: tuple = (16, 32, 64)    # width per resolution; len-1 halvings = downsampling
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
@@ -768,6 +778,10 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
     step, bad_steps = 0, 0
+    if rank == 0:  # a run killed while saving leaves its temporary file behind
+        for name in os.listdir(run):
+            if name.startswith(f"{stage}.pt.tmp-"):
+                os.remove(os.path.join(run, name))
     if resume and os.path.exists(path):
         ckpt = load_checkpoint(path, cfg)
         model.load_state_dict(ckpt["model"])
@@ -914,7 +928,7 @@ def psnr_of_reconstruction(ae, frames, device, chunk=256):
 def train_autoencoder(model, cfg, args, device):
     """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses)."""
     rank, world = dist_info()
-    frames = ClipDataset(args.data, frames=1, split="train")
+    frames = ClipDataset(args.data, frames=1, split="train", cache_bytes=args.cache_mb << 20)
     shard = list(range(rank, len(frames), world))
     batches = endless(lambda: frames.batch(cfg.ae_batch, shard)[:, 0])  # (B, C, H, W)
     heldout = spread_frames(args.data)
@@ -964,7 +978,7 @@ def train_flow(model, cfg, args, device):
     ae = model.ae.eval().requires_grad_(False)
     # deterministic statistics, so a resumed run standardises exactly as before
     ae.fit_latent_stats(spread_frames(args.data, 1024, "train").to(device))
-    clips = ClipDataset(args.data, cfg.clip_frames, cfg.frame_skip, "train")
+    clips = ClipDataset(args.data, cfg.clip_frames, cfg.frame_skip, "train", args.cache_mb << 20)
     shard = list(range(rank, len(clips), world))
     if clips.in_ram:  # encode once: training then never runs the encoder
         latents = ClipDataset(encode_videos(ae, clips, device), cfg.clip_frames, cfg.frame_skip)
@@ -1293,9 +1307,7 @@ def cmd_sample(args):
     torch.manual_seed(args.seed)
     model = load_river(args.ckpt or args.run, device)
     cfg = model.cfg
-    context = args.context or cfg.context
-    frames = args.frames or cfg.clip_frames - context
-    check_sampling(args, context, frames)
+    context, frames = sampling_lengths(args, cfg)
     if args.input:
         clips = read_input(args.input, cfg)[None]  # (1, T, C, H, W)
         if clips.shape[1] < context:
@@ -1314,7 +1326,10 @@ def cmd_sample(args):
     print(f"wrote {stem}.gif and {stem}.png")
 
 
-def check_sampling(args, context, frames):
+def sampling_lengths(args, cfg):
+    """(context, frames) from the options or the preset; every sampling option checked."""
+    context = cfg.context if args.context is None else args.context
+    frames = cfg.clip_frames - context if args.frames is None else args.frames
     if context < 1 or frames < 1:
         raise RiverError(f"--context and --frames must be at least 1, got {context} and {frames}")
     if args.steps is not None and args.steps < 1:
@@ -1323,6 +1338,7 @@ def check_sampling(args, context, frames):
         raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
     if args.solver not in SOLVERS:
         raise RiverError(f"unknown solver {args.solver!r}: use one of {', '.join(SOLVERS)}")
+    return context, frames
 
 
 def read_input(path, cfg):
@@ -1354,9 +1370,7 @@ def cmd_eval(args):
     device = pick_device(args.device)
     model = load_river(args.run, device)
     cfg = model.cfg
-    context = args.context or cfg.context
-    frames = args.frames or cfg.clip_frames - context
-    check_sampling(args, context, frames)
+    context, frames = sampling_lengths(args, cfg)
     split = pick_split(args.data, args.split)
     clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.videos)
     i3d = None
@@ -1369,7 +1383,7 @@ def cmd_eval(args):
                       args.solver, seed=args.seed, i3d=i3d)
     result["protocol"] = {"data": args.data, "split": split, "videos": len(clips),
                           "context": context, "predicted": frames, "samples": args.samples,
-                          "seed": args.seed, "steps": args.steps or cfg.sample_steps,
+                          "seed": args.seed, "steps": cfg.sample_steps if args.steps is None else args.steps,
                           "warm_start": cfg.warm_start if args.warm_start is None
                           else args.warm_start, "solver": args.solver}
     print_eval(result)
@@ -1399,6 +1413,92 @@ def print_eval(r):
                                    "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
 
 
+# ---------------------------------------------------------------------------------------
+# The demo and the paper's claims at small scale
+# ---------------------------------------------------------------------------------------
+
+def cmd_demo(args):
+    """Data, both stages, evaluation and pictures on the built-in bouncing balls, from scratch.
+
+    Every step is skipped when its result is already there, so a second run is quick and an
+    interrupted one picks up where it stopped.
+    """
+    run, data = args.run, args.data
+    if not os.path.exists(data):
+        os.makedirs(os.path.dirname(os.path.abspath(data)), exist_ok=True)
+        data_prep.write_synthetic(data, seed=args.seed)
+    parse = build_parser().parse_args
+    cmd_train(parse(["train", "--data", data, "--run", run, "--resume", "--seed", str(args.seed)]))
+    context = PRESETS["tiny"].context
+    frames = PRESETS["tiny"].clip_frames - context
+    result = cmd_eval(parse(["eval", "--run", run, "--data", data, "--context", str(context),
+                             "--frames", str(frames), "--videos", "0", "--seed", str(args.seed)]))
+    cmd_sample(parse(["sample", "--run", run, "--data", data, "--num", "6", "--seed", str(args.seed),
+                      "--out", os.path.join(run, "test_predictions.gif")]))
+    gain = result["model_mean"]["psnr"] - result["copy_last"]["psnr"]
+    print(f"\ndemo done: the model is {gain:+.2f} dB PSNR over copying the last frame.\nLook at:")
+    for name, what in (("test_predictions.gif", "test videos: ground truth left, prediction right"),
+                       ("test_predictions.png", "the same as a grid of frames"),
+                       ("eval_psnr.png", "PSNR per predicted frame, model vs copy-last-frame"),
+                       ("eval.json", "every number of the evaluation"),
+                       ("loss.png", "training curves of both stages"),
+                       ("samples.gif", "validation predictions written at the end of training")):
+        print(f"  {os.path.join(run, name):36} {what}")
+
+
+def cmd_claims(args):
+    """The paper's two claims on the demo data: random past-frame conditioning against the last
+    frame alone or plus a fixed previous frame (same budget), and steps x warm start."""
+    parse = build_parser().parse_args
+    base = load_river(args.run, pick_device(args.device))
+    cfg = base.cfg
+    context, frames = cfg.context, cfg.clip_frames - cfg.context
+    clips = eval_clips(args.data, pick_split(args.data, "test"), context, frames, cfg.frame_skip,
+                       args.videos)
+    rows = {"random": evaluate(base, clips, context, seed=args.seed)}
+    for mode in ("last", "fixed"):  # same autoencoder, same steps, only the conditioning differs
+        run = os.path.join(args.out, f"cond-{mode}")
+        cmd_train(parse(["train", "--data", args.data, "--run", run, "--stage", "flow", "--ae",
+                         os.path.join(args.run, "ae.pt"), "--conditioning", mode, "--resume",
+                         "--flow-steps", str(cfg.flow_steps), "--seed", str(args.seed)]))
+        model = load_river(run, pick_device(args.device))
+        rows[mode] = evaluate(model, clips, context, seed=args.seed)
+    grid = {}
+    for warm in (0.0, 0.1, 0.3, 0.5):
+        for steps in (1, 2, 5, 10, 20, 100):
+            grid[f"{steps},{warm}"] = evaluate(base, clips, context, steps=steps, warm_start=warm,
+                                               seed=args.seed)
+    table = claims_table(rows, grid, len(clips), context, frames, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "claims.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "claims.json"), "w") as f:
+        json.dump({"conditioning": rows, "steps_warm_start": grid}, f, indent=1)
+    print(table)
+
+
+def claims_table(rows, grid, videos, context, frames, seed):
+    """Markdown tables of the two claims."""
+    import platform
+    lines = [f"{videos} test videos, {context} context -> {frames} predicted frames, one sample "
+             f"each, seed {seed}; {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}.", "",
+             "| conditioning | PSNR | SSIM |", "|---|---|---|"]
+    names = {"random": "random past frame (paper)", "last": "last frame only",
+             "fixed": "last + fixed previous frame"}
+    for mode, r in rows.items():
+        lines.append(f"| {names[mode]} | {r['model_mean']['psnr']:.2f} | "
+                     f"{r['model_mean']['ssim']:.3f} |")
+    r = rows["random"]["copy_last"]
+    lines += [f"| copy last frame (baseline) | {r['psnr']:.2f} | {r['ssim']:.3f} |", "",
+              "| steps | warm start | NFE/frame | PSNR | SSIM | ms/frame |", "|---|---|---|---|---|---|"]
+    for key, r in grid.items():
+        steps, warm = key.split(",")
+        lines.append(f"| {steps} | {warm} | {r['nfe_per_frame']} | {r['model_mean']['psnr']:.2f} | "
+                     f"{r['model_mean']['ssim']:.3f} | {1000 * r['seconds_per_frame']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="river.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -1423,6 +1523,8 @@ def build_parser():
                    help="past frame used as condition: random (paper), last, fixed (ablations)")
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
     t.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
+    t.add_argument("--cache-mb", type=int, default=4096,
+                   help="a split up to this size is read into RAM, a larger one streamed")
 
     def sampling(q):
         common(q)
@@ -1449,12 +1551,25 @@ def build_parser():
     e.add_argument("--videos", type=int, default=256, help="videos to evaluate (0: all)")
     e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
     e.add_argument("--out", help="output stem (default: RUN/eval)")
+
+    d = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (no download)")
+    common(d)
+    d.add_argument("--data", default="data/balls.h5", help="made here unless it exists")
+    d.add_argument("--run", default="runs/demo")
+
+    c = sub.add_parser("claims", help="the paper's claims at small scale, on the demo's data")
+    common(c)
+    c.add_argument("--data", default="data/balls.h5")
+    c.add_argument("--run", default="runs/demo", help="a trained run (the demo's)")
+    c.add_argument("--out", default="runs/claims")
+    c.add_argument("--videos", type=int, default=100, help="test videos (0: all)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo,
+                "claims": cmd_claims}
     try:
         if getattr(args, "data", None) is None and args.command != "sample":
             raise RiverError("--data is required")

@@ -1,0 +1,228 @@
+"""Runs that get killed, bad numbers, bad input, several processes: none may cost work."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_prep
+import river
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "RIVER_KERNELS": os.environ.get("RIVER_KERNELS", "ref"),
+       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "balls.h5")
+    data_prep.main(["synthetic", "--out", path, "--videos", "24", "--frames", "20"])
+    return path
+
+
+def river_cli(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "river.py"), *map(str, args)],
+                          capture_output=True, text=True, env=ENV, cwd=kw.get("cwd", ROOT),
+                          timeout=kw.get("timeout", 300))
+
+
+def train_cmd(data, run, steps=40, *extra):
+    return [sys.executable, os.path.join(ROOT, "river.py"), "train", "--data", data, "--run",
+            str(run), "--stage", "ae", "--steps", str(steps), "--batch-size", "8",
+            "--ckpt-every", "3", *extra]
+
+
+def weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+def test_killed_at_random_moments_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(train_cmd(data, whole), check=True, env=ENV, capture_output=True)
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen(train_cmd(data, killed, 40, "--resume"), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4, 9))  # start-up takes ~3 s: most kills land mid-training
+        if proc.poll() is not None:
+            break
+        proc.kill()  # SIGKILL: no handler runs, maybe in the middle of a save
+        proc.wait()
+        kills += 1
+    assert kills >= 2
+    subprocess.run(train_cmd(data, killed, 40, "--resume"), check=True, env=ENV,
+                   capture_output=True)
+    assert not [n for n in os.listdir(killed) if ".tmp" in n]  # no half-written file is left
+    a, b = weights(whole / "ae.pt"), weights(killed / "ae.pt")
+    assert torch.load(killed / "ae.pt", weights_only=False)["step"] == 40
+    for k in a:  # checkpoints restore the RNG: the resumed run replays the same batches
+        torch.testing.assert_close(a[k], b[k])
+    curve = [json.loads(line)["loss"] for line in open(killed / "metrics.jsonl")]
+    assert curve == [json.loads(line)["loss"] for line in open(whole / "metrics.jsonl")]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    proc = subprocess.Popen(train_cmd(data, tmp_path, 100000, "--ckpt-every", "100000"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.2)  # wait until training runs (the first log line is at step 25)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "ae.pt", weights_only=False)["step"] >= 25
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    cfg = river.Config(ae_channels=(8, 16, 16), codebook_size=32, warmup=1)
+    model = river.River(cfg).field
+    poison = {3, 4}
+
+    def loss_fn(net, z):
+        loss = net(z, torch.rand(len(z)), z, z, torch.ones(len(z))).pow(2).mean() + z.mean()
+        return loss * (float("nan") if loss_fn.calls in poison else 1), {}
+
+    def stream():
+        while True:
+            loss_fn.calls = getattr(loss_fn, "calls", 0) + 1
+            yield torch.randn(2, 4, 8, 8)
+
+    river.train_stage("flow", model, loss_fn, stream(), 10, 1e-3, cfg, str(tmp_path),
+                      torch.device("cpu"), ckpt_every=1)
+    ckpt = torch.load(tmp_path / "flow.pt", weights_only=False)
+    assert ckpt["bad_steps"] == 2 and ckpt["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    poison.update(range(1, 10**6))
+    loss_fn.calls = 0
+    with pytest.raises(river.RiverError, match="non-finite losses"):
+        river.train_stage("flow", river.River(cfg).field, loss_fn, stream(), 100, 1e-3, cfg,
+                          str(tmp_path / "bad"), torch.device("cpu"), ckpt_every=1)
+    assert not (tmp_path / "bad" / "flow.pt").exists()
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
+    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
+    two, one = tmp_path / "two", tmp_path / "one"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", worker, str(two)], env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    subprocess.run([sys.executable, worker, str(one)], env=ENV, check=True, capture_output=True)
+    r0, r1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    single = torch.load(one / "rank0.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # the ranks never drift apart
+        torch.testing.assert_close(r0[k], single[k], atol=1e-4, rtol=1e-3)
+    loss_two, loss_one = (float((d / "loss.txt").read_text()) for d in (two, one))
+    assert loss_two == pytest.approx(loss_one, rel=1e-3)
+    assert (two / "ae.pt").exists()  # rank 0 wrote the checkpoint
+
+
+def test_torchrun_trains_river_with_two_cpu_ranks(data, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", os.path.join(ROOT, "river.py"), "train", "--data",
+                          data, "--run", str(tmp_path), "--ae-steps", "4", "--flow-steps", "4",
+                          "--batch-size", "4"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.load(tmp_path / "flow.pt", weights_only=False)["step"] == 4
+    assert len(torch.load(tmp_path / "flow.pt", weights_only=False)["rng"]) == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_data_files(data, tmp_path):
+    one_line_error(river_cli("train", "--data", tmp_path / "nope.h5", "--run", tmp_path / "r"),
+                   "nope.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    one_line_error(river_cli("train", "--data", tmp_path / "text.h5", "--run", tmp_path / "r"),
+                   "HDF5")
+    raw = open(data, "rb").read()
+    (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
+    one_line_error(river_cli("train", "--data", tmp_path / "cut.h5", "--run", tmp_path / "r"))
+    import h5py
+    with h5py.File(tmp_path / "layout.h5", "w") as f:
+        f.create_dataset("0/0", data=np.zeros((8, 8, 3), np.uint8))
+    one_line_error(river_cli("train", "--data", tmp_path / "layout.h5", "--run", tmp_path / "r"),
+                   "len")
+
+
+def test_videos_too_short(tmp_path):
+    path = tmp_path / "short.h5"
+    data_prep.main(["synthetic", "--out", str(path), "--videos", "6", "--frames", "8"])
+    one_line_error(river_cli("train", "--data", path, "--run", tmp_path / "r", "--ae-steps", "1"),
+                   "16 frames")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    river.main(["train", "--data", data, "--run", str(run), "--ae-steps", "2", "--flow-steps", "2",
+                "--batch-size", "2"])
+    return run
+
+
+def test_bad_sampling_options(data, trained, tmp_path):
+    out = tmp_path / "p.gif"
+    base = ("--run", trained, "--data", data, "--out", out)
+    one_line_error(river_cli("eval", *base, "--context", "18", "--frames", "10"), "context 18")
+    one_line_error(river_cli("sample", *base, "--steps", "-1"), "--steps")
+    one_line_error(river_cli("sample", *base, "--warm-start", "1"), "--warm-start")
+    one_line_error(river_cli("sample", *base, "--frames", "0"), "--frames")
+    one_line_error(river_cli("sample", *base, "--solver", "heun"), "solver")
+
+
+def test_bad_training_options(data, trained, tmp_path):
+    one_line_error(river_cli("train", "--data", data, "--run", tmp_path, "--steps", "-3"),
+                   "at least 1")
+    one_line_error(river_cli("train", "--data", data, "--run", tmp_path, "--preset", "huge"),
+                   "preset")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_line_error(river_cli("train", "--data", data, "--run", blocker / "run"), "writable")
+
+
+def test_bad_checkpoints(data, trained, tmp_path):
+    # resuming with another config
+    one_line_error(river_cli("train", "--data", data, "--run", trained, "--resume",
+                             "--flow-steps", "7"), "another config", "flow_steps")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    one_line_error(river_cli("sample", "--ckpt", junk, "--data", data), "not a readable checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    one_line_error(river_cli("sample", "--ckpt", tmp_path / "other.pt", "--data", data),
+                   "not a river checkpoint")
+    one_line_error(river_cli("sample", "--ckpt", trained / "ae.pt", "--data", data),
+                   "only the autoencoder")
+    one_line_error(river_cli("train", "--data", data, "--run", tmp_path / "r", "--stage", "flow",
+                             "--ae", trained / "ae.pt", "--preset", "bair64"), "does not fit")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_training_streams_a_split_larger_than_the_cache(data, tmp_path):
+    river.main(["train", "--data", data, "--run", str(tmp_path), "--ae-steps", "2",
+                "--flow-steps", "2", "--batch-size", "2", "--cache-mb", "0"])
+    assert torch.load(tmp_path / "flow.pt", weights_only=False)["step"] == 2
+    clips = river.ClipDataset(data, 16, cache_bytes=0)
+    assert not clips.in_ram and clips.batch(3).shape == (3, 16, 3, 32, 32)
