@@ -41,6 +41,164 @@ from tqdm.auto import tqdm, trange
 import data_prep
 
 # ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Every hyperparameter of a run. Presets below; `train` writes it to config.json."""
+    # data
+    image_size: int = 32
+    channels: int = 3            # C
+    clip_frames: int = 16        # T: frames per training clip (target tau <= T-1)
+    frame_skip: int = 1          # take every k-th frame of the video
+    context: int = 2             # context frames for sampling and evaluation by default
+    # VQ autoencoder
+    ae_channels: tuple = (16, 32, 64)    # width per resolution; len-1 halvings = downsampling
+    latent_dim: int = 4          # D
+    codebook_size: int = 512     # K
+    commitment: float = 0.25     # beta of the commitment loss
+    ae_steps: int = 1500
+    ae_batch: int = 64
+    ae_lr: float = 2e-3
+    # U-Net vector field
+    unet_channels: tuple = (32, 64, 128)  # width per level; latent resolution halves per level
+    unet_blocks: int = 1          # residual blocks per level (the up path has one more)
+    attention: bool = True        # self-attention at the lowest resolution
+    # flow matching
+    sigma_min: float = 1e-7
+    conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
+    flow_steps: int = 4000
+    flow_batch: int = 64
+    flow_lr: float = 1e-3
+    ema_decay: float = 0.999
+    # optimisation, both stages
+    warmup: int = 200
+    weight_decay: float = 5e-6
+    grad_clip: float = 1.0
+    # sampling
+    sample_steps: int = 10
+    warm_start: float = 0.0
+
+
+PRESETS = {
+    # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
+    "tiny": Config(),
+    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN.
+    "bair64": Config(image_size=64, clip_frames=16, context=1, ae_channels=(64, 128, 256, 256),
+                     codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                     unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                     flow_lr=1e-4, warmup=5000, ema_decay=0.9999, sample_steps=10),
+    "kth64": Config(image_size=64, clip_frames=40, context=10, ae_channels=(64, 128, 256, 256),
+                    codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                    unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                    flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=4, context=2,
+                         ae_channels=(64, 128, 256, 256), codebook_size=8192,
+                         ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
+                         unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
+                         flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+}
+
+
+def config_from_dict(d):
+    """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class RiverError(Exception):
+    """A problem with the user's input; main() prints it as one line, without a traceback."""
+
+
+def pyplot():
+    """matplotlib, imported on first use and drawing to files only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
+# ---------------------------------------------------------------------------------------
+
+def to_float(frames):
+    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
+    return x.movedim(-1, -3)
+
+
+def to_uint8(x):
+    """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Random clips of `frames` consecutive frames (every `skip`-th) from one split.
+
+    Item i is a random clip of video i, float (T, C, H, W) in [-1, 1]. A split smaller
+    than `cache_bytes` is read into RAM once; a larger one is streamed from the file.
+    `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
+    """
+
+    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30):
+        self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
+        if isinstance(videos, (str, os.PathLike)):
+            self.store = data_prep.VideoStore(videos, split)
+            lengths = self.store.lengths
+            self.frame_shape = self.store.frame_shape
+            in_ram = self.store.nbytes <= cache_bytes
+        else:
+            self.store, lengths, in_ram = None, [len(v) for v in videos], True
+        self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
+        self.skipped = len(lengths) - len(self.keep)
+        if not self.keep:
+            raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
+                             f"(longest has {max(lengths)}): pass a smaller --clip-frames or "
+                             "--frame-skip, or use longer videos")
+        self.lengths = [lengths[i] for i in self.keep]
+        self.in_ram = in_ram
+        if self.store is None:
+            self.videos = [videos[i] for i in self.keep]
+        elif in_ram:
+            self.videos = [self.store.read(i, 0, lengths[i]) for i in
+                           tqdm(self.keep, desc=f"loading {split}", leave=False, disable=None)]
+
+    def __len__(self):
+        return len(self.keep)
+
+    def clip(self, i, start):
+        """Clip of video i (index into the kept videos) from frame `start`."""
+        stop = start + self.span
+        if self.in_ram:
+            x = self.videos[i][start:stop:self.skip]
+        else:
+            x = self.store.read(self.keep[i], start, stop, self.skip)
+        return to_float(x) if isinstance(x, np.ndarray) else x
+
+    def __getitem__(self, i):
+        start = int(torch.randint(self.lengths[i] - self.span + 1, ()))
+        return self.clip(i, start)
+
+    def batch(self, size, videos=None):
+        """`size` random clips stacked to (B, T, ...); videos restricts the choice (DDP shards)."""
+        pool = torch.as_tensor(videos if videos is not None else range(len(self)))
+        picks = pool[torch.randint(len(pool), (size,))]
+        return torch.stack([self[int(i)] for i in picks])
+
+
+# ---------------------------------------------------------------------------------------
 # Fast ops: plain PyTorch references, and the fused csrc/ kernels behind the same names
 # ---------------------------------------------------------------------------------------
 # Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
@@ -144,163 +302,6 @@ def euler_step_(x, v, dt):
         torch.ops.river.euler_step_(x, v, float(dt))
         return x
     return euler_step_reference_(x, v, dt)
-
-
-# ---------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    """Every hyperparameter of a run. Presets below; `train` writes it to config.json."""
-    # data
-    image_size: int = 32
-    channels: int = 3            # C
-    clip_frames: int = 16        # T: frames per training clip (target tau <= T-1)
-    frame_skip: int = 1          # take every k-th frame of the video
-    context: int = 2             # context frames for sampling and evaluation by default
-    # VQ autoencoder
-    ae_channels: tuple = (16, 32, 64)    # width per resolution; len-1 halvings = downsampling
-    latent_dim: int = 4          # D
-    codebook_size: int = 512     # K
-    commitment: float = 0.25     # beta of the commitment loss
-    ae_steps: int = 1500
-    ae_batch: int = 64
-    ae_lr: float = 2e-3
-    # U-Net vector field
-    unet_channels: tuple = (64, 128)  # width per level; latent resolution halves per level
-    unet_blocks: int = 2          # residual blocks per level
-    attention: bool = True        # self-attention at the lowest resolution
-    # flow matching
-    sigma_min: float = 1e-7
-    conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
-    flow_steps: int = 4000
-    flow_batch: int = 64
-    flow_lr: float = 1e-3
-    ema_decay: float = 0.999
-    # optimisation, both stages
-    warmup: int = 200
-    weight_decay: float = 5e-6
-    grad_clip: float = 1.0
-    # sampling
-    sample_steps: int = 10
-    warm_start: float = 0.0
-
-
-PRESETS = {
-    # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
-    "tiny": Config(),
-    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN.
-    "bair64": Config(image_size=64, clip_frames=16, context=1, ae_channels=(64, 128, 256, 256),
-                     codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                     unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                     flow_lr=1e-4, warmup=5000, ema_decay=0.9999, sample_steps=10),
-    "kth64": Config(image_size=64, clip_frames=40, context=10, ae_channels=(64, 128, 256, 256),
-                    codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                    unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                    flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
-    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=4, context=2,
-                         ae_channels=(64, 128, 256, 256), codebook_size=8192,
-                         ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                         unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                         flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
-}
-
-
-def config_from_dict(d):
-    """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-class RiverError(Exception):
-    """A problem with the user's input; main() prints it as one line, without a traceback."""
-
-
-def pyplot():
-    """matplotlib, imported on first use and drawing to files only."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------------
-# Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
-# ---------------------------------------------------------------------------------------
-
-def to_float(frames):
-    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
-    return x.movedim(-1, -3)
-
-
-def to_uint8(x):
-    """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Random clips of `frames` consecutive frames (every `skip`-th) from one split.
-
-    Item i is a random clip of video i, float (T, C, H, W) in [-1, 1]. A split smaller
-    than `cache_bytes` is read into RAM once; a larger one is streamed from the file.
-    `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
-    """
-
-    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30):
-        self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
-        if isinstance(videos, (str, os.PathLike)):
-            self.store = data_prep.VideoStore(videos, split)
-            lengths = self.store.lengths
-            self.frame_shape = self.store.frame_shape
-            in_ram = self.store.nbytes <= cache_bytes
-        else:
-            self.store, lengths, in_ram = None, [len(v) for v in videos], True
-        self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
-        self.skipped = len(lengths) - len(self.keep)
-        if not self.keep:
-            raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
-                             f"(longest has {max(lengths)}): use fewer --frames or a smaller skip")
-        self.lengths = [lengths[i] for i in self.keep]
-        self.in_ram = in_ram
-        if self.store is None:
-            self.videos = [videos[i] for i in self.keep]
-        elif in_ram:
-            self.videos = [self.store.read(i, 0, lengths[i]) for i in
-                           tqdm(self.keep, desc=f"loading {split}", leave=False, disable=None)]
-
-    def __len__(self):
-        return len(self.keep)
-
-    def clip(self, i, start):
-        """Clip of video i (index into the kept videos) from frame `start`."""
-        stop = start + self.span
-        if self.in_ram:
-            x = self.videos[i][start:stop:self.skip]
-        else:
-            x = self.store.read(self.keep[i], start, stop, self.skip)
-        return to_float(x) if isinstance(x, np.ndarray) else x
-
-    def __getitem__(self, i):
-        start = int(torch.randint(self.lengths[i] - self.span + 1, ()))
-        return self.clip(i, start)
-
-    def batch(self, size, videos=None):
-        """`size` random clips stacked to (B, T, ...); videos restricts the choice (DDP shards)."""
-        pool = torch.as_tensor(videos if videos is not None else range(len(self)))
-        picks = pool[torch.randint(len(pool), (size,))]
-        return torch.stack([self[int(i)] for i in picks])
 
 
 # ---------------------------------------------------------------------------------------
@@ -719,13 +720,25 @@ class RunLog:
     def __init__(self, run_dir, enabled=True):
         self.path, self.enabled = os.path.join(run_dir, "metrics.jsonl"), enabled
 
+    def rows(self):
+        """The logged rows; a line torn by a kill in mid-write is dropped."""
+        if not os.path.exists(self.path):
+            return []
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return rows
+
     def rewind(self, stage, step):
         """Drop lines a killed run logged after its last checkpoint, so a resume stays clean."""
-        if not (self.enabled and os.path.exists(self.path)):
+        if not self.enabled:
             return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        keep = [r for r in self.rows()
+                if not (r.get("stage") == stage and r.get("step", 0) > step)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -738,10 +751,7 @@ class RunLog:
 
     def plot(self):
         """loss.png: training loss of each stage against steps."""
-        if not (self.enabled and os.path.exists(self.path)):
-            return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = self.rows() if self.enabled else []
         stages = [s for s in ("ae", "flow") if any(r.get("stage") == s and "loss" in r for r in rows)]
         if not stages:
             return
@@ -1209,7 +1219,8 @@ def make_config(args):
         raise RiverError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
     overrides = {"ae_steps": args.ae_steps, "flow_steps": args.flow_steps,
                  "ae_batch": args.batch_size, "flow_batch": args.batch_size,
-                 "conditioning": args.conditioning}
+                 "conditioning": args.conditioning, "clip_frames": args.clip_frames,
+                 "frame_skip": args.frame_skip}
     if args.steps is not None:
         overrides.update({"ae_steps": args.steps} if args.stage == "ae" else
                          {"flow_steps": args.steps} if args.stage == "flow" else
@@ -1225,6 +1236,8 @@ def check_config(cfg):
     for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
         if getattr(cfg, key) < 1:
             raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.frame_skip < 1:
+        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
     if cfg.clip_frames < 3:
         raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
                          f"got {cfg.clip_frames}")
@@ -1248,6 +1261,9 @@ def prepare_run(run, cfg, rank=0):
 
 
 def cmd_train(args):
+    for flag in ("accum", "ckpt_every"):
+        if getattr(args, flag) < 1:
+            raise RiverError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     cfg = make_config(args)
     device = setup_distributed(pick_device(args.device))
     rank, world = dist_info()
@@ -1519,6 +1535,8 @@ def build_parser():
     t.add_argument("--flow-steps", type=int)
     t.add_argument("--batch-size", type=int, help="clips (flow) or frames (ae) per step and rank")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
+    t.add_argument("--frame-skip", type=int, help="use every k-th frame (preset's default)")
     t.add_argument("--conditioning", choices=("random", "last", "fixed"),
                    help="past frame used as condition: random (paper), last, fixed (ablations)")
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")

@@ -171,7 +171,7 @@ def test_videos_too_short(tmp_path):
     path = tmp_path / "short.h5"
     data_prep.main(["synthetic", "--out", str(path), "--videos", "6", "--frames", "8"])
     one_line_error(river_cli("train", "--data", path, "--run", tmp_path / "r", "--ae-steps", "1"),
-                   "16 frames")
+                   "16 frames", "--clip-frames")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,28 @@
+// kernels.h: the launchers of the CUDA kernels in euler_step.cu and vq_nearest.cu.
+//
+// Plain C++ and the CUDA runtime only, no torch: the .cu files compile with nothing but
+// nvcc (the CPU torch wheel ships no c10/cuda headers), and river_ops_cuda.cpp turns
+// tensors into the raw pointers, sizes and stream below. Every launcher returns the
+// cudaError_t of its launch (cudaSuccess when there was nothing to do).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace river {
+
+// Element types of x, v, z and the codebook; kernels compute in float32 for all three.
+enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// x[i] += dt * v[i] for i < n, in place. x and v: n elements of `dtype`, same layout.
+cudaError_t launch_euler_step(void* x, const void* v, float dt, int64_t n, Dtype dtype,
+                              cudaStream_t stream);
+
+// For each row n of z (N, D): idx[n] = argmin_k ||z_n - e_k||^2 over codebook (K, D), ties
+// to the lowest k; dist[n] = that squared distance (>= 0) in `dtype`. Row-major inputs.
+cudaError_t launch_vq_nearest(const void* z, const void* codebook, int64_t N, int64_t K,
+                              int64_t D, Dtype dtype, int64_t* idx, void* dist,
+                              cudaStream_t stream);
+
+}  // namespace river

@@ -1,0 +1,264 @@
+"""The csrc/ ops against their plain PyTorch references in river.py.
+
+Every test forces the extension (RIVER_KERNELS=ext semantics: a build failure is an error,
+not a silent fallback), calls torch.ops.river.* directly and compares with
+river.vq_nearest_reference / river.euler_step_reference_ on odd sizes, every dtype, CPU
+always and CUDA when a GPU is present. The first run JIT-builds the extension (~20 s)
+unless `pip install -e .` or `python setup.py build_ext --inplace` already did.
+"""
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import river  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """Load the extension as RIVER_KERNELS=ext would; restore the default afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RIVER_KERNELS", "ext")
+        river.load_kernels.cache_clear()
+        assert river.load_kernels()
+    yield
+    river.load_kernels.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------
+# vq_nearest
+# ---------------------------------------------------------------------------------------
+
+def float32_error_bound(z, codebook):
+    """How far the float32 value of ||z||^2 - 2 z.e + ||e||^2 may stray, per row of z:
+    a sum of D + 2 terms, each at most ~(||z||^2 + ||e||^2), rounded at every step."""
+    z2 = z.double().pow(2).sum(1)
+    e2_max = codebook.double().pow(2).sum(1).max()
+    return 4 * torch.finfo(torch.float32).eps * (z.shape[1] + 2) * (1 + z2 + e2_max)
+
+
+def check_vq_nearest(z, codebook):
+    """The op's code is a true nearest code; its index is the reference's where no near-tie."""
+    N = z.shape[0]
+    idx, dist = torch.ops.river.vq_nearest(z, codebook)
+    assert idx.dtype == torch.int64 and idx.shape == (N,) and idx.device == z.device
+    assert dist.dtype == z.dtype and dist.shape == (N,) and dist.device == z.device
+
+    # exact distances in float64 from the same (rounded) inputs, (N, K)
+    z64, e64 = z.double().cpu(), codebook.double().cpu()
+    d64 = (z64.pow(2).sum(1, keepdim=True) - 2 * z64 @ e64.t() + e64.pow(2).sum(1)).clamp_min(0)
+    tol = float32_error_bound(z, codebook).cpu()
+    idx, dist = idx.cpu(), dist.cpu()
+    true_min = d64.min(1).values
+    chosen = d64.gather(1, idx[:, None])[:, 0]
+    assert (chosen <= true_min + tol).all(), "a chosen code is not a nearest one"
+
+    # the reference, run in float32 like the kernel (half inputs are computed in float32)
+    ref_idx, ref_dist = river.vq_nearest_reference(z.float(), codebook.float())
+    ref_idx, ref_dist = ref_idx.cpu(), ref_dist.cpu()
+    if codebook.shape[0] > 1:
+        two = d64.topk(2, dim=1, largest=False).values
+        clear = (two[:, 1] - two[:, 0]) > 4 * tol  # no near-tie: the argmin is unambiguous
+        assert torch.equal(idx[clear], ref_idx[clear])
+    torch.testing.assert_close(dist.float(), ref_dist.to(z.dtype).float(),
+                               atol=float(tol.max()) + 1e-6,
+                               rtol={torch.float32: 1e-5, torch.float16: 2e-3,
+                                     torch.bfloat16: 2e-2}[z.dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 7, 1024])
+@pytest.mark.parametrize("D", [1, 3, 4, 8, 64])
+@pytest.mark.parametrize("N", [1, 37, 1001])
+def test_vq_nearest_float32(N, D, K, device):
+    g = torch.Generator().manual_seed(N * 10007 + D * 101 + K)
+    z = torch.randn(N, D, generator=g).to(device)
+    codebook = torch.randn(K, D, generator=g).to(device)
+    check_vq_nearest(z, codebook)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,D,K", [(37, 3, 7), (1001, 8, 1024), (3, 4, 16384), (2, 64, 16384)])
+def test_vq_nearest_dtypes_and_big_codebooks(N, D, K, dtype, device):
+    g = torch.Generator().manual_seed(N + D + K)
+    z = torch.randn(N, D, generator=g).to(device, dtype)
+    codebook = torch.randn(K, D, generator=g).to(device, dtype)
+    check_vq_nearest(z, codebook)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distinct", [1, 13, 1000])
+def test_vq_nearest_exact_ties_go_to_lowest_index(distinct, device):
+    # the codebook repeated 3 times: every nearest code has two exact copies further on,
+    # in other vector lanes, panels and cache tiles
+    g = torch.Generator().manual_seed(distinct)
+    base = torch.randn(distinct, 8, generator=g)
+    codebook = base.repeat(3, 1).to(device)                   # (3 * distinct, 8)
+    z = torch.cat([base[:5], torch.randn(300, 8, generator=g)]).to(device)
+    idx, dist = torch.ops.river.vq_nearest(z, codebook)
+    assert (idx < distinct).all()                             # always the first copy
+    m = min(5, distinct)                                      # rows of z that ARE codes
+    assert torch.equal(idx[:m].cpu(), torch.arange(m))
+    assert dist[:m].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vq_nearest_edge_shapes(device):
+    codebook = torch.randn(5, 3, device=device)
+    idx, dist = torch.ops.river.vq_nearest(torch.empty(0, 3, device=device), codebook)
+    assert idx.shape == (0,) and dist.shape == (0,)
+    # a strided view of z is read like its contiguous copy
+    z = torch.randn(3, 40, device=device).t()                # (40, 3), not contiguous
+    torch.testing.assert_close(torch.ops.river.vq_nearest(z, codebook),
+                               torch.ops.river.vq_nearest(z.contiguous(), codebook))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("z_shape,e_shape,z_dtype,e_dtype,message", [
+    ((4,), (8, 4), torch.float32, torch.float32, "z must be 2-D (N, D), got 1-D"),
+    ((2, 3, 4), (8, 4), torch.float32, torch.float32, "z must be 2-D (N, D), got 3-D"),
+    ((6, 4), (8,), torch.float32, torch.float32, "codebook must be 2-D (K, D), got 1-D"),
+    ((6, 4), (5, 8), torch.float32, torch.float32, "z has D=4 but codebook has D=8"),
+    ((6, 4), (8, 4), torch.int64, torch.int64, "z must be float32, float16 or bfloat16"),
+    ((6, 4), (8, 4), torch.float64, torch.float64, "z must be float32, float16 or bfloat16"),
+    ((6, 4), (8, 4), torch.float32, torch.float16, "z is Float but codebook is Half"),
+    ((6, 4), (0, 4), torch.float32, torch.float32, "codebook is empty (K=0)"),
+])
+def test_vq_nearest_bad_inputs(z_shape, e_shape, z_dtype, e_dtype, message, device):
+    z = torch.zeros(z_shape, dtype=z_dtype, device=device)
+    codebook = torch.zeros(e_shape, dtype=e_dtype, device=device)
+    with pytest.raises(RuntimeError, match="vq_nearest: " + re.escape(message)):
+        torch.ops.river.vq_nearest(z, codebook)
+
+
+# ---------------------------------------------------------------------------------------
+# euler_step_
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (1000,), (65536 + 3,), (3, 5, 7),
+                                   (2, 4, 131072 + 1)])
+def test_euler_step_matches_reference(shape, dtype, device):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    v = torch.randn(shape, generator=g).to(device, dtype)
+    dt = -0.37
+    expected = river.euler_step_reference_(x.clone(), v, dt)
+    exact = (x.double() + dt * v.double()).to(dtype)   # the update in float64, rounded once
+    v_before, ptr = v.clone(), x.data_ptr()
+    out = torch.ops.river.euler_step_(x, v, dt)
+    assert out is None                             # in place: the schema returns ()
+    assert x.data_ptr() == ptr                     # same storage, changed in place
+    assert torch.equal(v, v_before)                # v untouched
+    # computed in float32 and rounded once: within an ulp of the exact update. The reference
+    # (x.add_(v, alpha=dt)) rounds dt itself to float16/bfloat16 first, so it may differ
+    # from both by a few ulps of |dt * v| where x + dt * v cancels.
+    eps = torch.finfo(dtype).eps
+    scale = float((exact.double().abs() + (dt * v.double()).abs()).max()) if x.numel() else 0.0
+    torch.testing.assert_close(x, exact, rtol=eps, atol=eps * scale)
+    torch.testing.assert_close(x, expected, rtol=eps, atol=4 * eps * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_euler_step_dense_non_contiguous(device):
+    # channels_last is dense: one flat pass works when x and v share the strides
+    x = torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)
+    v = torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)
+    expected = river.euler_step_reference_(x.clone(), v, 0.5)
+    torch.ops.river.euler_step_(x, v, 0.5)
+    torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case,message", [
+    ("int", "x must be float32, float16 or bfloat16, got Long"),
+    ("dtype", "x is Float but v is Half (they must match)"),
+    ("shape", "x and v must have the same shape, got [2, 3] and [3, 2]"),
+    ("broadcast", "x and v must have the same shape, got [2, 3] and [3]"),
+    ("strides", "x and v must be contiguous, or dense with the same strides"),
+    ("gaps", "x and v must be contiguous, or dense with the same strides"),
+])
+def test_euler_step_bad_inputs(case, message, device):
+    x, v = torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device)
+    if case == "int":
+        x, v = x.long(), v.long()
+    elif case == "dtype":
+        v = v.half()
+    elif case == "shape":
+        v = torch.zeros(3, 2, device=device)
+    elif case == "broadcast":
+        v = torch.zeros(3, device=device)
+    elif case == "strides":
+        v = torch.zeros(3, 2, device=device).t()   # same shape, transposed layout
+    elif case == "gaps":
+        x, v = torch.zeros(2, 6, device=device)[:, ::2], torch.zeros(2, 6, device=device)[:, ::2]
+    with pytest.raises(RuntimeError, match="euler_step_: " + re.escape(message)):
+        torch.ops.river.euler_step_(x, v, 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match="vq_nearest: z is on cuda:0 but codebook is on cpu"):
+        torch.ops.river.vq_nearest(torch.zeros(3, 4, device="cuda"), torch.zeros(5, 4))
+    with pytest.raises(RuntimeError, match="euler_step_: x is on cuda:0 but v is on cpu"):
+        torch.ops.river.euler_step_(torch.zeros(3, device="cuda"), torch.zeros(3), 0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration: opcheck, and river.py's dispatch between extension and reference
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck(dtype, device):
+    z = torch.randn(37, 4, device=device, dtype=dtype)
+    codebook = torch.randn(7, 4, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.river.vq_nearest.default, (z, codebook))
+    x, v = torch.randn(5, 11, device=device, dtype=dtype), torch.randn(5, 11, device=device,
+                                                                         dtype=dtype)
+    torch.library.opcheck(torch.ops.river.euler_step_.default, (x, v, 0.25))
+
+
+@pytest.fixture
+def kernels_mode(monkeypatch):
+    """Set RIVER_KERNELS and reload: load_kernels() is cached, so clear it on both sides."""
+    def set_mode(mode):
+        monkeypatch.setenv("RIVER_KERNELS", mode)
+        river.load_kernels.cache_clear()
+        return river.load_kernels()
+    yield set_mode
+    river.load_kernels.cache_clear()
+
+
+def test_river_dispatches_to_extension(kernels_mode, monkeypatch):
+    assert kernels_mode("ext") is True
+
+    def refuse(*args):
+        raise AssertionError("the reference ran although the extension is loaded")
+    monkeypatch.setattr(river, "vq_nearest_reference", refuse)
+    monkeypatch.setattr(river, "euler_step_reference_", refuse)
+    z, codebook = torch.randn(9, 4), torch.randn(6, 4)
+    torch.testing.assert_close(river.vq_nearest(z, codebook),
+                               torch.ops.river.vq_nearest(z, codebook))
+    x, v = torch.randn(10), torch.randn(10)
+    expected = x + 0.5 * v
+    assert river.euler_step_(x, v, 0.5) is x
+    torch.testing.assert_close(x, expected)
+
+
+def test_river_kernels_ref_uses_reference(kernels_mode, monkeypatch):
+    assert kernels_mode("ref") is False
+    monkeypatch.setattr(river, "vq_nearest_reference", lambda z, e: "reference vq")
+    monkeypatch.setattr(river, "euler_step_reference_", lambda x, v, dt: "reference euler")
+    assert river.vq_nearest(torch.randn(3, 4), torch.randn(5, 4)) == "reference vq"
+    assert river.euler_step_(torch.randn(3), torch.randn(3), 0.1) == "reference euler"
