@@ -58,7 +58,7 @@ class Config:
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
-    ae_steps: int = 1500
+    ae_steps: int = 600
     ae_batch: int = 64
     ae_lr: float = 2e-3
     # U-Net vector field
@@ -68,9 +68,9 @@ class Config:
     # flow matching
     sigma_min: float = 1e-7
     conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
-    flow_steps: int = 4000
+    flow_steps: int = 3000
     flow_batch: int = 64
-    flow_lr: float = 1e-3
+    flow_lr: float = 2e-3
     ema_decay: float = 0.999
     # optimisation, both stages
     warmup: int = 200
@@ -777,8 +777,8 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
     """Train `model` for `steps` optimizer steps of loss_fn(model, batch) -> (loss, stats).
 
     Saves run/<stage>.pt (model, EMA, optimizer, scheduler, step, RNG states) every
-    ckpt_every steps and at the end; resume=True continues from it. Returns (model or its
-    EMA copy, whether any step ran).
+    ckpt_every steps and at the end; resume=True continues from it. Returns the model, or
+    its EMA copy when ema_decay > 0.
     """
     rank, world = dist_info()
     log = RunLog(run, rank == 0)
@@ -819,7 +819,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     bar = trange(step, steps, initial=step, total=steps, desc=stage, disable=rank != 0 or None,
                  dynamic_ncols=True)
-    trained, window, tic = step < steps, [], time.time()
+    window, tic = [], time.time()
     try:
         for step in bar:
             model.train()
@@ -831,23 +831,23 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
                 (loss / accum).backward()
             # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(grad_norm):  # skip the step: a poisoned update never happens
+            if torch.isfinite(grad_norm):
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    decay = min(ema_decay, (1 + step) / (10 + step))  # short memory early on
+                    for pe, p in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(p.detach(), 1 - decay)
+                    for be, b in zip(ema.buffers(), model.buffers()):
+                        be.copy_(b)
+                window.append(float(loss.detach()))
+            else:  # skip the step: a poisoned update never happens
                 bad_steps += 1
                 if bad_steps > 20:
-                    raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower --lr or "
-                                     "check the data (resume from the last checkpoint)")
-                continue
-            opt.step()
-            sched.step()
-            if ema is not None:
-                decay = min(ema_decay, (1 + step) / (10 + step))  # short memory early on
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p.detach(), 1 - decay)
-                for be, b in zip(ema.buffers(), model.buffers()):
-                    be.copy_(b)
-            window.append(float(loss.detach()))
+                    raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower the learning "
+                                     "rate or check the data, then --resume")
             done = step + 1
-            if done % log_every == 0 or done == steps:
+            if (done % log_every == 0 or done == steps) and window:
                 row = {"stage": stage, "step": done, "loss": sum(window) / len(window),
                        "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "steps_per_s": len(window) / (time.time() - tic),
@@ -857,15 +857,16 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
                 window, tic = [], time.time()
-            if done % ckpt_every == 0 or done == steps or interrupted:
+            stop = any_rank(bool(interrupted))
+            if done % ckpt_every == 0 or done == steps or stop:
                 step = done
                 save()
-            if interrupted:
+            if stop:
                 raise Stop(f"interrupted: saved {path} at step {step}; continue with --resume")
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    return (ema if ema is not None else model), trained
+    return ema if ema is not None else model
 
 
 # ---------------------------------------------------------------------------------------
@@ -887,6 +888,15 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def any_rank(flag):
+    """True if `flag` is true on any rank (Ctrl-C reaches ranks at different moments)."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 def gather_rng_states():
@@ -1003,7 +1013,7 @@ def train_flow(model, cfg, args, device):
     def loss_fn(field, z):
         return flow_loss(field, z, cfg), {}
 
-    field, _ = train_stage("flow", model.field, loss_fn, batches, cfg.flow_steps, cfg.flow_lr, cfg,
+    field = train_stage("flow", model.field, loss_fn, batches, cfg.flow_steps, cfg.flow_lr, cfg,
                            args.run, device, resume=args.resume, ema_decay=cfg.ema_decay,
                            accum=args.accum, extra={"ae": ae.state_dict()},
                            ckpt_every=args.ckpt_every)

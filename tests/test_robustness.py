@@ -105,10 +105,16 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     poison.update(range(1, 10**6))
     loss_fn.calls = 0
+    (tmp_path / "bad").mkdir()
+    fresh = river.River(cfg).field
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(river.RiverError, match="non-finite losses"):
-        river.train_stage("flow", river.River(cfg).field, loss_fn, stream(), 100, 1e-3, cfg,
+        river.train_stage("flow", fresh, loss_fn, stream(), 100, 1e-3, cfg,
                           str(tmp_path / "bad"), torch.device("cpu"), ckpt_every=1)
-    assert not (tmp_path / "bad" / "flow.pt").exists()
+    saved = torch.load(tmp_path / "bad" / "flow.pt", weights_only=False)
+    assert saved["bad_steps"] == 20  # the last checkpoint before the stop
+    for k, v in saved["model"].items():  # never a poisoned update: still the initial weights
+        assert torch.equal(v, before[k]), k
 
 
 # ----------------------------------------------------------------------------- several processes
