@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -58,17 +58,17 @@ class Config:
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
-    ae_steps: int = 600
+    ae_steps: int = 500
     ae_batch: int = 64
     ae_lr: float = 2e-3
     # U-Net vector field
     unet_channels: tuple = (32, 64, 128)  # width per level; latent resolution halves per level
     unet_blocks: int = 1          # residual blocks per level (the up path has one more)
-    attention: bool = True        # self-attention at the lowest resolution
+    attention: bool = False       # self-attention at the lowest resolution (2x2 in tiny: no use)
     # flow matching
     sigma_min: float = 1e-7
     conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
-    flow_steps: int = 3000
+    flow_steps: int = 2200
     flow_batch: int = 64
     flow_lr: float = 2e-3
     ema_decay: float = 0.999
@@ -84,20 +84,24 @@ class Config:
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
     "tiny": Config(),
-    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN.
+    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN;
+    # attention at the U-Net's 4x4 level.
     "bair64": Config(image_size=64, clip_frames=16, context=1, ae_channels=(64, 128, 256, 256),
                      codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                     unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                     flow_lr=1e-4, warmup=5000, ema_decay=0.9999, sample_steps=10),
+                     unet_channels=(128, 256), unet_blocks=2, attention=True,
+                     flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
+                     ema_decay=0.9999),
     "kth64": Config(image_size=64, clip_frames=40, context=10, ae_channels=(64, 128, 256, 256),
                     codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                    unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                    flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+                    unet_channels=(128, 256), unet_blocks=2, attention=True,
+                    flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
+                    ema_decay=0.9999),
     "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=4, context=2,
                          ae_channels=(64, 128, 256, 256), codebook_size=8192,
                          ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                         unet_channels=(128, 256, 512), flow_steps=300_000, flow_batch=16,
-                         flow_lr=1e-4, warmup=5000, ema_decay=0.9999),
+                         unet_channels=(128, 256, 512), unet_blocks=2, attention=True,
+                         flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
+                         ema_decay=0.9999),
 }
 
 
@@ -289,16 +293,24 @@ def _register_fakes():
     _register_fakes.done = True
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def vq_nearest(z, codebook):
-    """Nearest code search: the fused op when loaded, else vq_nearest_reference."""
-    if load_kernels():
+    """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
+    bfloat16, one dtype and device), else vq_nearest_reference."""
+    if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
+            and load_kernels()):
         return torch.ops.river.vq_nearest(z, codebook)
     return vq_nearest_reference(z, codebook)
 
 
 def euler_step_(x, v, dt):
-    """x += dt * v in place: the fused op when loaded, else euler_step_reference_."""
-    if load_kernels():
+    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
+    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
+    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
+            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
+            and load_kernels()):
         torch.ops.river.euler_step_(x, v, float(dt))
         return x
     return euler_step_reference_(x, v, dt)
@@ -692,7 +704,10 @@ def lr_factor(step, warmup, total):
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     os.replace(tmp, path)
 
 
@@ -1173,14 +1188,17 @@ def tracks(context, truth, pred, scale):
 
     context (B, n, C, H, W), truth and pred (B, F, C, H, W) in [-1, 1] ->
     uint8 (B, 2, n+F, h, w, 3). Borders: green context, grey ground truth, red prediction.
+    With truth None (a clip with no future frames to compare) only the predicted track.
     """
     def rgb(x):
         x = to_uint8(x)
         return np.repeat(x, 3, -1) if x.shape[-1] == 1 else x
 
     ctx = bordered(rgb(context), (0, 200, 0), scale)
-    real = np.concatenate([ctx, bordered(rgb(truth), (128, 128, 128), scale)], 1)
     fake = np.concatenate([ctx, bordered(rgb(pred), (220, 0, 0), scale)], 1)
+    if truth is None:
+        return fake[:, None]
+    real = np.concatenate([ctx, bordered(rgb(truth), (128, 128, 128), scale)], 1)
     return np.stack([real, fake], 1)
 
 
@@ -1201,12 +1219,13 @@ def save_grid(context, truth, pred, path, scale=2):
     """PNG: per video a ground-truth row and a prediction row; columns are time steps."""
     plt = pyplot()
     t = tracks(context, truth, pred, scale)
-    B, _, T, h, w = t.shape[:5]
+    B, k, T, h, w = t.shape[:5]
     grid = rearrange(t, "b k t h w c -> (b k h) (t w) c")
     fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] / 50), max(2, grid.shape[0] / 50)))
     ax.imshow(grid, interpolation="nearest")
     ax.set_xticks([(i + 0.5) * w for i in range(T)], [str(i + 1) for i in range(T)], fontsize=6)
-    ax.set_yticks([(r + 0.5) * h for r in range(2 * B)], ["truth", "predicted"] * B, fontsize=7)
+    ax.set_yticks([(r + 0.5) * h for r in range(k * B)], ["truth", "predicted"][-k:] * B,
+                  fontsize=7)
     ax.set_xlabel(f"frame (1-{context.shape[1]}: context, green border)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1289,7 +1308,8 @@ def cmd_train(args):
         if rank == 0:
             clips = eval_clips(args.data, pick_split(args.data, "val"), cfg.context,
                                cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
-            write_predictions(model, clips, cfg.context, os.path.join(args.run, "samples"))
+            write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
+                              clips.shape[1] - cfg.context, os.path.join(args.run, "samples"))
     if rank == 0:
         print(f"run directory: {args.run} (config.json, *.pt, metrics.jsonl, loss.png"
               f"{', samples.gif' if args.stage != 'ae' else ''})")
@@ -1319,12 +1339,13 @@ def load_river(path, device):
     return model.to(device).eval()
 
 
-def write_predictions(model, clips, context, stem, **sample_args):
-    """stem.gif and stem.png: context, ground truth and prediction side by side."""
-    x = clips.to(next(model.parameters()).device)
-    pred = model.generate_frames(x[:, :context], clips.shape[1] - context, **sample_args).cpu()
-    save_gif(side_by_side(clips[:, :context], clips[:, context:], pred), stem + ".gif")
-    save_grid(clips[:, :context], clips[:, context:], pred, stem + ".png")
+def write_predictions(model, context, truth, frames, stem, **sample_args):
+    """Predict `frames` frames after context (B, n, C, H, W); write stem.gif and stem.png with
+    context, ground truth (B, frames, C, H, W, or None) and prediction side by side."""
+    pred = model.generate_frames(context.to(next(model.parameters()).device), frames,
+                                 **sample_args).cpu()
+    save_gif(side_by_side(context, truth, pred), stem + ".gif")
+    save_grid(context, truth, pred, stem + ".png")
     return pred
 
 
@@ -1334,21 +1355,24 @@ def cmd_sample(args):
     model = load_river(args.ckpt or args.run, device)
     cfg = model.cfg
     context, frames = sampling_lengths(args, cfg)
+    if not (args.input or args.data):
+        raise RiverError("nothing to predict from: pass --data FILE (its test split) or --input "
+                         "(a folder of frames or a .npy clip)")
     if args.input:
         clips = read_input(args.input, cfg)[None]  # (1, T, C, H, W)
         if clips.shape[1] < context:
             raise RiverError(f"{args.input} has {clips.shape[1]} frames, fewer than --context "
                              f"{context}")
-        clips = clips[:, :context + frames]
-        if clips.shape[1] < context + frames:  # no ground truth for all: show the context only
-            clips = torch.cat([clips[:, :context]] + [clips[:, context - 1:context]] * frames, 1)
+        # the frames after the context are the ground truth, if the clip has enough of them
+        truth = clips[:, context:context + frames] if clips.shape[1] >= context + frames else None
     else:
         clips = eval_clips(args.data, pick_split(args.data, args.split), context, frames,
                            cfg.frame_skip, args.num)
+        truth = clips[:, context:]
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    write_predictions(model, clips, context, stem, steps=args.steps, warm_start=args.warm_start,
-                      solver=args.solver, verbose=True)
+    write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
+                      warm_start=args.warm_start, solver=args.solver, verbose=True)
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -1475,27 +1499,34 @@ def cmd_demo(args):
 def cmd_claims(args):
     """The paper's two claims on the demo data: random past-frame conditioning against the last
     frame alone or plus a fixed previous frame (same budget), and steps x warm start."""
-    parse = build_parser().parse_args
-    base = load_river(args.run, pick_device(args.device))
+    device = pick_device(args.device)
+    base = load_river(args.run, device)
     cfg = base.cfg
     context, frames = cfg.context, cfg.clip_frames - cfg.context
-    clips = eval_clips(args.data, pick_split(args.data, "test"), context, frames, cfg.frame_skip,
-                       args.videos)
-    rows = {"random": evaluate(base, clips, context, seed=args.seed)}
-    for mode in ("last", "fixed"):  # same autoencoder, same steps, only the conditioning differs
-        run = os.path.join(args.out, f"cond-{mode}")
-        cmd_train(parse(["train", "--data", args.data, "--run", run, "--stage", "flow", "--ae",
-                         os.path.join(args.run, "ae.pt"), "--conditioning", mode, "--resume",
-                         "--flow-steps", str(cfg.flow_steps), "--seed", str(args.seed)]))
-        model = load_river(run, pick_device(args.device))
+    split = pick_split(args.data, "test")
+    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.videos)
+    budget = args.flow_steps or cfg.flow_steps
+    rows = {}
+    for mode in ("random", "last", "fixed"):  # the same autoencoder and budget
+        if mode == cfg.conditioning and budget == cfg.flow_steps:
+            model = base  # the run itself is this arm
+        else:
+            run = os.path.join(args.out, f"cond-{mode}")
+            prepare_run(run, replace(cfg, conditioning=mode, flow_steps=budget))
+            cmd_train(build_parser().parse_args(
+                ["train", "--data", args.data, "--run", run, "--stage", "flow", "--ae",
+                 os.path.join(args.run, "ae.pt"), "--resume", "--seed", str(args.seed)]))
+            model = load_river(run, device)
         rows[mode] = evaluate(model, clips, context, seed=args.seed)
+        if mode == "random":
+            base = model  # the steps x warm start grid uses the paper's arm
     grid = {}
     for warm in (0.0, 0.1, 0.3, 0.5):
         for steps in (1, 2, 5, 10, 20, 100):
-            grid[f"{steps},{warm}"] = evaluate(base, clips, context, steps=steps, warm_start=warm,
-                                               seed=args.seed)
-    table = claims_table(rows, grid, len(clips), context, frames, args.seed)
-    os.makedirs(args.out, exist_ok=True)
+            grid[f"{steps},{warm}"] = evaluate(base, clips[:args.grid_videos], context, steps=steps,
+                                               warm_start=warm, seed=args.seed)
+    table = claims_table(rows, grid, len(clips), min(len(clips), args.grid_videos), context,
+                         frames, args.seed, budget)
     with open(os.path.join(args.out, "claims.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "claims.json"), "w") as f:
@@ -1503,12 +1534,14 @@ def cmd_claims(args):
     print(table)
 
 
-def claims_table(rows, grid, videos, context, frames, seed):
+def claims_table(rows, grid, videos, grid_videos, context, frames, seed, budget):
     """Markdown tables of the two claims."""
     import platform
-    lines = [f"{videos} test videos, {context} context -> {frames} predicted frames, one sample "
-             f"each, seed {seed}; {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}.", "",
+    lines = [f"{context} context -> {frames} predicted frames, one sample per video, seed {seed}, "
+             f"{platform.machine()} CPU with {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}.", "",
+             f"Conditioning ({videos} test videos, {budget} flow steps each; Euler, 10 steps, "
+             "cold start):", "",
              "| conditioning | PSNR | SSIM |", "|---|---|---|"]
     names = {"random": "random past frame (paper)", "last": "last frame only",
              "fixed": "last + fixed previous frame"}
@@ -1517,6 +1550,8 @@ def claims_table(rows, grid, videos, context, frames, seed):
                      f"{r['model_mean']['ssim']:.3f} |")
     r = rows["random"]["copy_last"]
     lines += [f"| copy last frame (baseline) | {r['psnr']:.2f} | {r['ssim']:.3f} |", "",
+              f"Steps x warm start (random conditioning, Euler, first {grid_videos} test videos; "
+              "ms per predicted frame per video, batched):", "",
               "| steps | warm start | NFE/frame | PSNR | SSIM | ms/frame |", "|---|---|---|---|---|---|"]
     for key, r in grid.items():
         steps, warm = key.split(",")
@@ -1591,6 +1626,11 @@ def build_parser():
     c.add_argument("--run", default="runs/demo", help="a trained run (the demo's)")
     c.add_argument("--out", default="runs/claims")
     c.add_argument("--videos", type=int, default=100, help="test videos (0: all)")
+    c.add_argument("--flow-steps", type=int,
+                   help="training budget of every arm (default: the run's; then the run itself "
+                        "is the random arm)")
+    c.add_argument("--grid-videos", type=int, default=50,
+                   help="test videos for the steps x warm start grid")
     return p
 
 

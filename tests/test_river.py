@@ -369,3 +369,43 @@ def test_sample_from_a_users_npy_clip(trained_run, tmp_path):
                 "--context", "2", "--frames", "3", "--steps", "1", "--out", str(tmp_path / "p.gif")])
     from PIL import Image
     assert Image.open(tmp_path / "p.gif").n_frames == 5
+    two_tracks = Image.open(tmp_path / "p.gif").size
+    # a clip with only its context: no ground truth, the GIF shows the prediction alone
+    np.save(tmp_path / "short.npy", clip[:2])
+    river.main(["sample", "--run", str(trained_run), "--input", str(tmp_path / "short.npy"),
+                "--context", "2", "--frames", "3", "--steps", "1", "--out", str(tmp_path / "q.gif")])
+    gif = Image.open(tmp_path / "q.gif")
+    assert gif.n_frames == 5 and gif.size[0] == two_tracks[0] // 2
+
+
+def test_claims_end_to_end(data, trained_run, tmp_path, capsys):
+    out = tmp_path / "claims"
+    river.main(["claims", "--data", data, "--run", str(trained_run), "--out", str(out),
+                "--videos", "2", "--grid-videos", "1"])
+    result = json.loads((out / "claims.json").read_text())
+    assert set(result["conditioning"]) == {"random", "last", "fixed"}
+    assert len(result["steps_warm_start"]) == 24
+    assert result["steps_warm_start"]["100,0.5"]["nfe_per_frame"] == 100
+    for mode in ("last", "fixed"):
+        cfg = json.loads((out / f"cond-{mode}" / "config.json").read_text())
+        assert cfg["conditioning"] == mode and cfg["flow_steps"] == 6
+    table = (out / "claims.md").read_text()
+    assert "random past frame (paper)" in table and "| 100 | 0.5 | 100 |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_fvd_with_a_user_supplied_torchscript_i3d(data, trained_run, tmp_path):
+    class StandIn(torch.nn.Module):  # any TorchScript (B, 3, T, 224, 224) -> (B, F) will do
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+    torch.jit.script(StandIn()).save(str(tmp_path / "i3d.pt"))
+    river.main(["eval", "--run", str(trained_run), "--data", data, "--context", "2", "--frames",
+                "3", "--videos", "2", "--steps", "1", "--fvd-i3d", str(tmp_path / "i3d.pt"),
+                "--out", str(tmp_path / "ev")])
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert result["fvd"] >= 0 and math.isfinite(result["fvd"])
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(SystemExit):
+        river.main(["eval", "--run", str(trained_run), "--data", data, "--fvd-i3d",
+                    str(tmp_path / "bad.pt")])
