@@ -1571,7 +1571,9 @@ def build_parser():
     t = sub.add_parser("train", help="train the autoencoder, then the flow model")
     common(t)
     t.add_argument("--data", required=True, help="HDF5 file or shard directory (data_prep.py)")
-    t.add_argument("--run", default="runs/tiny", help="run directory (default: runs/tiny)")
+    t.add_argument("--run", "--run-dir", dest="run", default="runs/tiny",
+                   help="run directory (default: runs/tiny); under torchrun write --run-dir, "
+                        "since torchrun takes --run for its own --run-path")
     t.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     t.add_argument("--stage", default="all", choices=("ae", "flow", "all"))
     t.add_argument("--ae", help="reuse the autoencoder of this ae.pt/flow.pt (skips stage 1)")
