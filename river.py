@@ -161,7 +161,6 @@ class ClipDataset(torch.utils.data.Dataset):
         if isinstance(videos, (str, os.PathLike)):
             self.store = data_prep.VideoStore(videos, split)
             lengths = self.store.lengths
-            self.frame_shape = self.store.frame_shape
             in_ram = self.store.nbytes <= cache_bytes
         else:
             self.store, lengths, in_ram = None, [len(v) for v in videos], True
@@ -171,6 +170,9 @@ class ClipDataset(torch.utils.data.Dataset):
             raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
                              f"(longest has {max(lengths)}): pass a smaller --clip-frames or "
                              "--frame-skip, or use longer videos")
+        if self.skipped:
+            print(f"note: {self.skipped} of {len(lengths)} videos in split {split!r} are shorter "
+                  f"than a clip ({self.span} frames) and are skipped", file=sys.stderr)
         self.lengths = [lengths[i] for i in self.keep]
         self.in_ram = in_ram
         if self.store is None:
