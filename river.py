@@ -940,10 +940,9 @@ def endless(fn):
 def spread_frames(path, count=256, split=None):
     """Up to `count` frames spread evenly over a split's videos, in a fixed order.
 
-    By default the val split (then test, then the first one): frames the model never trained on.
+    By default the val split (or what pick_split offers instead): frames not trained on.
     """
-    splits = data_prep.splits_in(path)
-    split = split or next((s for s in ("val", "test") if s in splits), splits[0])
+    split = split or pick_split(path, "val")
     store = data_prep.VideoStore(path, split)
     per_video = max(1, count // len(store))
     frames = [store.read(v, i, i + 1) for v in range(min(len(store), count))
