@@ -20,9 +20,11 @@ Glossary of letters used in shape comments:
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -77,8 +79,9 @@ class Config:
     weight_decay: float = 5e-6
     grad_clip: float = 1.0
     # sampling
-    sample_steps: int = 10
+    sample_steps: int = 10        # solver steps over [0, 1]; a warm start at s uses ~(1-s) of them
     warm_start: float = 0.0
+    official_history: bool = False  # one context frame sits twice in the history (official quirk)
 
 
 PRESETS = {
@@ -266,6 +269,8 @@ def load_kernels():
                                                          "*", "include")))
             # -fopenmp: at::parallel_for is an OpenMP pragma; without it the kernels use one core
             omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+            print("river: compiling the csrc/ kernels (about a minute, once per machine)",
+                  file=sys.stderr)
             load(name="river_kernels", sources=sources, is_python_module=False,
                  extra_cflags=["-O3", *omp], extra_ldflags=omp, extra_cuda_cflags=["-O3"],
                  extra_include_paths=includes, verbose=False)
@@ -274,7 +279,8 @@ def load_kernels():
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
         if mode == "ext":
             raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
-        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}); "
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
                       "using the PyTorch reference ops")
         return False
 
@@ -558,33 +564,32 @@ class UNet(nn.Module):
 # Flow matching: training pairs, the loss, the ODE solvers and the sampler
 # ---------------------------------------------------------------------------------------
 
-def conditioning_index(ref, mode="random", past_horizon=-1):
-    """Which past frame conditions the prediction, given reference indices ref (B,).
-
-    random (the paper): c ~ U{ref-H, ..., ref-1} with H = past_horizon (all the past if -1);
-    last: the reference itself (no extra past); fixed: always ref-1.
-    With no frame before the reference (ref = 0) the reference is used twice.
-    Returns (c, d) with d = max(ref - c, 1), the distance fed to the network.
-    """
-    if mode == "random":
-        lo = ref - past_horizon if past_horizon > 0 else torch.zeros_like(ref)
-        lo = lo.clamp(min=0).minimum(ref - 1).clamp(min=0)
-        c = lo + (torch.rand(ref.shape, device=ref.device) * (ref - lo)).long()
-        c = c.minimum((ref - 1).clamp(min=0))  # rand * n can round up to n in float32
-    elif mode == "last":
-        c = ref.clone()
-    elif mode == "fixed":
-        c = (ref - 1).clamp(min=0)
-    else:
-        raise RiverError(f"unknown conditioning {mode!r}: use random, last or fixed")
-    return c, (ref - c).clamp(min=1)
-
-
 def training_indices(B, T, mode="random", device="cpu"):
-    """Target tau ~ U{2, ..., T-1}, reference tau-1, conditioning c <= tau-2 (paper)."""
+    """Target tau ~ U{2, ..., T-1}, reference tau-1 and the conditioning frame c with its
+    distance d = (tau-1) - c. random (the paper): c ~ U{0, ..., tau-2}; last: c = tau-1
+    (no older frame: an ablation); fixed: c = tau-2 (always the frame before the reference)."""
     tau = torch.randint(2, T, (B,), device=device)
-    c, d = conditioning_index(tau - 1, mode)
-    return tau, tau - 1, c, d
+    ref = tau - 1
+    if mode == "random":
+        c = (torch.rand(B, device=device) * ref).long().minimum(ref - 1)  # rand * n can round to n
+    else:
+        c = ref if mode == "last" else ref - 1
+    return tau, ref, c, (ref - c).clamp(min=1)
+
+
+def past_frame(L, B, mode="random", past_horizon=-1):
+    """The conditioning frame of one field evaluation when sampling, with L latents in the
+    history (the reference is L-1). random: c ~ U{max(0, L-1-H), ..., L-2} for a horizon H
+    (all of the past when H < 1), drawn by torch.randint on the CPU generator as the
+    official sampler draws it, so a seed means the same thing in both; a history of one
+    latent is its own past. Returns (c, d) on the CPU, d = max((L-1) - c, 1)."""
+    ref = L - 1
+    if mode == "random":
+        low = max(0, ref - past_horizon) if past_horizon > 0 else 0
+        c = torch.randint(low, max(ref, low + 1), (B,))
+    else:
+        c = torch.full((B,), ref if mode == "last" else max(ref - 1, 0))
+    return c, (ref - c).clamp(min=1)
 
 
 def interpolate(eps, z, t, sigma_min):
@@ -611,32 +616,48 @@ def flow_loss(field, latents, cfg):
     return F.mse_loss(field(x_t, t, z_ref, z_cond, d), target_velocity(eps, z, cfg.sigma_min))
 
 
-def integrate(field, x, t0, t1, steps, solver="euler"):
-    """Solve dx/dt = field(x, t) from t0 to t1 in `steps` equal steps.
-
-    x is not modified. Returns (x at t1, number of field evaluations).
-    euler: 1 evaluation per step; midpoint: 2; rk4: 4.
-    """
-    if solver not in SOLVERS:
-        raise RiverError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
-    x, dt = x.clone(), (t1 - t0) / steps
-    for i in range(steps):
-        t = t0 + i * dt
-        if solver == "euler":
-            euler_step_(x, field(x, t), dt)
-        elif solver == "midpoint":
-            k1 = field(x, t)
-            euler_step_(x, field(x + 0.5 * dt * k1, t + 0.5 * dt), dt)
-        else:  # rk4
-            k1 = field(x, t)
-            k2 = field(x + 0.5 * dt * k1, t + 0.5 * dt)
-            k3 = field(x + 0.5 * dt * k2, t + 0.5 * dt)
-            k4 = field(x + dt * k3, t + dt)
-            euler_step_(x, k1 + 2 * k2 + 2 * k3 + k4, dt / 6)
-    return x, steps * SOLVERS[solver]
+def euler_slope(field, x, t, dt):
+    return field(x, t)
 
 
-SOLVERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # network evaluations per step
+def midpoint_slope(field, x, t, dt):
+    return field(x + 0.5 * dt * field(x, t), t + 0.5 * dt)
+
+
+def rk4_slope(field, x, t, dt):
+    """The 3/8 rule (torchdiffeq's `rk4`, the official sampler's solver)."""
+    k1 = field(x, t)
+    k2 = field(x + dt * k1 / 3, t + dt / 3)
+    k3 = field(x + dt * (k2 - k1 / 3), t + dt * 2 / 3)
+    k4 = field(x + dt * (k1 - k2 + k3), t + dt)
+    return (k1 + 3 * (k2 + k3) + k4) / 8
+
+
+# solver name -> (slope function, network evaluations per step)
+SOLVERS = {"euler": (euler_slope, 1), "midpoint": (midpoint_slope, 2), "rk4": (rk4_slope, 4)}
+
+
+def time_grid(s, steps):
+    """The official sampler's grid: `steps` equal steps over [0, 1], of which a warm start
+    at s keeps the last ones: linspace(s, 1, int((1 - s) (steps + 1))) points, at least two.
+    So a warm start at s = 0.5 costs about half the network evaluations of a cold start."""
+    return torch.linspace(s, 1, max(2, int((1 - s) * (steps + 1))))
+
+
+def nfe_per_frame(steps, warm_start, solver):
+    """Network evaluations to sample one frame."""
+    return (len(time_grid(warm_start, steps)) - 1) * SOLVERS[solver][1]
+
+
+def integrate(field, x, grid, solver="euler"):
+    """Solve dx/dt = field(x, t) over the time points of `grid` (1-D, increasing); x is not
+    modified. Each step is x <- x + dt * slope, the slope from the solver's evaluations."""
+    slope = SOLVERS[solver][0]
+    x = x.clone()
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        dt = t_next - t
+        euler_step_(x, slope(field, x, t, float(dt)), float(dt))
+    return x
 
 
 def warm_start_state(z_last, s, sigma_min, eps=None):
@@ -654,42 +675,45 @@ class River(nn.Module):
         self.cfg, self.ae, self.field = cfg, VQAutoencoder(cfg), UNet(cfg)
 
     @torch.no_grad()
-    def next_latent(self, past, steps, warm_start, solver="euler", past_horizon=-1):
-        """Generate the latent after past (B, m, D, h, w); returns (latent (B, D, h, w), NFE)."""
-        B, m = past.shape[:2]
-        rows = torch.arange(B, device=past.device)
-        ref = torch.full((B,), m - 1, device=past.device)
+    def next_latent(self, history, steps, warm_start=0.0, solver="euler", past_horizon=-1):
+        """The latent (B, D, h, w) after history (B, L, D, h, w), from noise (or a warm start)."""
+        B, L = history.shape[:2]
+        rows, ref = torch.arange(B, device=history.device), history[:, -1]
 
         def field(x, t):
             # a new random past frame at every evaluation: the paper's sparse conditioning
-            c, d = conditioning_index(ref, self.cfg.conditioning, past_horizon)
-            t = torch.full((B,), t, device=x.device)
-            return self.field(x, t, past[:, -1], past[rows, c], d).float()
+            c, d = (i.to(x.device) for i in past_frame(L, B, self.cfg.conditioning, past_horizon))
+            t = torch.full((B,), float(t), device=x.device)
+            return self.field(x, t, ref, history[rows, c], d).float()
 
-        x = warm_start_state(past[:, -1], warm_start, self.cfg.sigma_min)  # s = 0: pure noise
-        return integrate(field, x, warm_start, 1.0, steps, solver)
+        # the noise comes from the CPU generator, as in the official sampler
+        eps = torch.randn(ref.shape).to(ref.device)
+        x = warm_start_state(ref, warm_start, self.cfg.sigma_min, eps)  # s = 0: x = eps
+        return integrate(field, x, time_grid(warm_start, steps), solver)
 
     @torch.no_grad()
     def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver="euler",
-                        past_horizon=-1, verbose=False, return_nfe=False):
+                        past_horizon=-1, verbose=False):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
 
-        Returns (B, num_frames, C, H, W); with return_nfe also the network evaluations per frame.
+        Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
+        passed through the autoencoder, then the predictions. `steps` are solver steps over
+        [0, 1] (see time_grid); defaults come from the config.
         """
         steps = self.cfg.sample_steps if steps is None else steps
         warm_start = self.cfg.warm_start if warm_start is None else warm_start
         B, n = context.shape[:2]
         z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
-        latents = list(rearrange(z, "(b n) d h w -> b n d h w", b=B).unbind(1))
-        nfe = 0
+        history = rearrange(z, "(b n) d h w -> b n d h w", b=B)
+        twice = n == 1 and self.cfg.official_history  # the official sampler's history quirk
+        if twice:
+            history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
-            z_next, nfe = self.next_latent(torch.stack(latents, 1), steps, warm_start, solver,
-                                           past_horizon)
-            latents.append(z_next)
-        z = torch.stack(latents[n:], 1)  # (B, F, D, h, w)
-        frames = self.ae.decode(rearrange(z, "b f d h w -> (b f) d h w"))
-        frames = rearrange(frames, "(b f) c h w -> b f c h w", b=B)
-        return (frames, nfe) if return_nfe else frames
+            z_next = self.next_latent(history, steps, warm_start, solver, past_horizon)
+            history = torch.cat([history, z_next[:, None]], 1)
+        z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
+        frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
+        return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
 
 
 # ---------------------------------------------------------------------------------------
@@ -713,22 +737,54 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, cfg=None):
-    """Load a river checkpoint (.pt), with one-line errors for files that are not one."""
-    if not os.path.isfile(path):
-        raise RiverError(f"checkpoint {path} not found: train first, or check --run/--ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RiverError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                         "it may be truncated; delete it to restart that stage")
+def sweep_temporary_files(run, stage):
+    """Remove the temporary files of a save that a kill interrupted."""
+    for name in os.listdir(run):
+        if name.startswith(f"{stage}.pt.tmp-"):
+            os.remove(os.path.join(run, name))
+
+
+# Config fields that say how long or how to train, not what the model is: a run may resume
+# with other values (a longer budget, another batch size or learning rate).
+SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
+                   "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
+                   "warm_start"}
+
+
+def load_checkpoint(path, cfg=None, trust=False):
+    """Load a river checkpoint (.pt), with one-line errors for files that are not one.
+
+    Only tensors and plain containers are unpickled (weights_only=True): opening a file
+    never runs code from it, unless trust=True (--trust-checkpoint) for a file the user
+    trusts. With cfg, the model-defining fields (all but SCHEDULE_FIELDS) must match.
+    """
+    ckpt = torch_load(path, trust)
     if not isinstance(ckpt, dict) or "river" not in ckpt:
         raise RiverError(f"{path} is not a river checkpoint")
-    if cfg is not None and ckpt["config"] != asdict(cfg):
-        diff = sorted(k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v)
-        raise RiverError(f"{path} was trained with another config (differs in {', '.join(diff)}): "
-                         "use the same --preset and options, or another --run")
+    if cfg is not None:
+        diff = sorted(k for k, v in asdict(cfg).items()
+                      if k not in SCHEDULE_FIELDS and ckpt["config"].get(k) != v)
+        if diff:
+            raise RiverError(f"{path} was trained with another config (differs in "
+                             f"{', '.join(diff)}): use the same --preset and options, or another --run")
     return ckpt
+
+
+def torch_load(path, trust=False):
+    """torch.load on the CPU, tensors only unless trust; one-line errors for unreadable files."""
+    if not os.path.isfile(path):
+        raise RiverError(f"checkpoint {path} not found: train first, or check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise RiverError(f"{path} is not a readable checkpoint (UnpicklingError): it may be "
+                             "truncated or not a torch file")
+        raise RiverError(f"{path} holds pickled Python objects, which can run code when loaded: "
+                         "river refused it; pass --trust-checkpoint if you trust its source")
+    except Exception as e:
+        raise RiverError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                         "it may be truncated or not a torch file")
 
 
 class RunLog:
@@ -788,92 +844,67 @@ class Stop(Exception):
     """Raised after a checkpoint was saved because the user pressed Ctrl-C."""
 
 
-def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, resume=False,
+def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckpt=None,
                 ema_decay=0.0, accum=1, evaluate=None, extra=None, log_every=25,
                 ckpt_every=250):
     """Train `model` for `steps` optimizer steps of loss_fn(model, batch) -> (loss, stats).
 
     Saves run/<stage>.pt (model, EMA, optimizer, scheduler, step, RNG states) every
-    ckpt_every steps and at the end; resume=True continues from it. Returns the model, or
-    its EMA copy when ema_decay > 0.
+    ckpt_every steps and at the end; ckpt (a loaded <stage>.pt) resumes from it. Returns
+    the model, or its EMA copy when ema_decay > 0.
     """
     rank, world = dist_info()
-    log = RunLog(run, rank == 0)
-    path = os.path.join(run, f"{stage}.pt")
+    log, path = RunLog(run, rank == 0), os.path.join(run, f"{stage}.pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
     step, bad_steps = 0, 0
-    if rank == 0:  # a run killed while saving leaves its temporary file behind
-        for name in os.listdir(run):
-            if name.startswith(f"{stage}.pt.tmp-"):
-                os.remove(os.path.join(run, name))
-    if resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, cfg)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        step, bad_steps = ckpt["step"], ckpt.get("bad_steps", 0)
-        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    if rank == 0:
+        sweep_temporary_files(run, stage)
+    if ckpt is not None:
+        step, bad_steps = resume(ckpt, model, opt, sched, ema, lr, cfg.weight_decay, rank)
         log.rewind(stage, step)
     net = DDP(model) if world > 1 else model
 
     def save():
+        state = {"river": 1, "stage": stage, "step": step, "config": asdict(cfg),
+                 "model": model.state_dict(), "ema": ema and ema.state_dict(),
+                 "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "rng": gather_rng_states(), "bad_steps": bad_steps, **(extra or {})}
         if rank == 0:
-            save_atomic({"river": 1, "stage": stage, "step": step, "config": asdict(cfg),
-                         "model": model.state_dict(), "ema": ema and ema.state_dict(),
-                         "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "rng": gather_rng_states(), "bad_steps": bad_steps, **(extra or {})},
-                        path)
+            save_atomic(state, path)
             log.plot()
-        elif world > 1:
-            gather_rng_states()
 
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     bar = trange(step, steps, initial=step, total=steps, desc=stage, disable=rank != 0 or None,
                  dynamic_ncols=True)
-    window, tic = [], time.time()
+    window = Window()
     try:
         for step in bar:
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            for _ in range(accum):
-                batch = next(batches).to(device, non_blocking=True)
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, stats = loss_fn(net, batch)
-                (loss / accum).backward()
-            # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss, stats, grad_norm = train_step(net, model, opt, loss_fn, batches, accum, device,
+                                                cfg.grad_clip)
             if torch.isfinite(grad_norm):
-                opt.step()
                 sched.step()
                 if ema is not None:
-                    decay = min(ema_decay, (1 + step) / (10 + step))  # short memory early on
-                    for pe, p in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(p.detach(), 1 - decay)
-                    for be, b in zip(ema.buffers(), model.buffers()):
-                        be.copy_(b)
-                window.append(float(loss.detach()))
-            else:  # skip the step: a poisoned update never happens
+                    # short memory early on: decay (1 + step) / (10 + step) until it reaches ema_decay
+                    ema_update_(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+                window.add(loss)
+            else:  # the step was skipped: a poisoned update never happens
                 bad_steps += 1
                 if bad_steps > 20:
                     raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower the learning "
                                      "rate or check the data, then --resume")
             done = step + 1
-            if (done % log_every == 0 or done == steps) and window:
-                row = {"stage": stage, "step": done, "loss": sum(window) / len(window),
-                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "steps_per_s": len(window) / (time.time() - tic),
-                       "bad_steps": bad_steps, **stats}
+            if (done % log_every == 0 or done == steps) and window.count:
+                row = {"stage": stage, "step": done, **window.pop(), "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "bad_steps": bad_steps,
+                       **{k: float(v) for k, v in stats.items()}}
                 if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
                     row.update(evaluate(model))
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
-                window, tic = [], time.time()
             stop = any_rank(bool(interrupted))
             if done % ckpt_every == 0 or done == steps or stop:
                 step = done
@@ -884,6 +915,68 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, res
         signal.signal(signal.SIGINT, previous)
         bar.close()
     return ema if ema is not None else model
+
+
+def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
+    """One optimizer step (skipped when the gradient is not finite): the mean loss over
+    `accum` batches, their stats (tensors; read only when a row is logged) and the
+    gradient norm before clipping."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(accum):
+        batch = next(batches).to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss, stats = loss_fn(net, batch)
+        (loss / accum).backward()
+        total = total + loss.detach() / accum
+    # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        opt.step()
+    return total, stats, grad_norm
+
+
+class Window:
+    """The losses since the last logged row, summed on the device (no per-step host sync)."""
+
+    def __init__(self):
+        self.total, self.count, self.tic = 0.0, 0, time.time()
+
+    def add(self, loss):
+        self.total, self.count = self.total + loss, self.count + 1
+
+    def pop(self):
+        """The row's mean loss and speed; starts a new window."""
+        row = {"loss": float(self.total) / self.count,
+               "steps_per_s": self.count / (time.time() - self.tic)}
+        self.__init__()
+        return row
+
+
+@torch.no_grad()
+def ema_update_(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta for every parameter, in one fused
+    call; buffers (e.g. usage counters) are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
+    """Restore a stage from its checkpoint; returns (step, bad_steps). The learning rate and
+    weight decay are today's: a longer budget stretches the schedule from the current step."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])  # its step count; lr_factor reads today's total
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group in opt.param_groups:
+        group.update(initial_lr=lr, weight_decay=weight_decay,
+                     lr=lr * sched.lr_lambdas[0](sched.last_epoch))
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    return ckpt["step"], ckpt.get("bad_steps", 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -961,13 +1054,14 @@ def psnr_of_reconstruction(ae, frames, device, chunk=256):
     return float(torch.cat(scores).mean())
 
 
-def train_autoencoder(model, cfg, args, device):
-    """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses)."""
+def train_autoencoder(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
+    """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses).
+    ckpt: the ae.pt to resume from; loop: accum and ckpt_every for train_stage."""
     rank, world = dist_info()
-    frames = ClipDataset(args.data, frames=1, split="train", cache_bytes=args.cache_mb << 20)
+    frames = ClipDataset(data, frames=1, split="train", cache_bytes=cache_mb << 20)
     shard = list(range(rank, len(frames), world))
     batches = endless(lambda: frames.batch(cfg.ae_batch, shard)[:, 0])  # (B, C, H, W)
-    heldout = spread_frames(args.data)
+    heldout = spread_frames(data)
 
     def loss_fn(ae, x):
         recon, vq_loss, stats = ae(x)
@@ -976,25 +1070,27 @@ def train_autoencoder(model, cfg, args, device):
     def evaluate(ae):
         return {"recon_psnr": psnr_of_reconstruction(ae, heldout, device)}
 
-    train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, args.run, device,
-                resume=args.resume, accum=args.accum, evaluate=evaluate, ckpt_every=args.ckpt_every)
+    train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, run, device,
+                ckpt=ckpt, evaluate=evaluate, **loop)
     psnr_db = psnr_of_reconstruction(model.ae, heldout, device)
     if rank == 0:
         print(f"autoencoder: {psnr_db:.2f} dB PSNR on {len(heldout)} held-out frames")
     return psnr_db
 
 
-def load_autoencoder(model, path):
+def autoencoder_state(path, trust=False):
+    """The autoencoder weights of an ae.pt or flow.pt checkpoint."""
+    ckpt = load_checkpoint(path, trust=trust)
+    return ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
+
+
+def load_autoencoder(model, path, trust=False):
     """Put the autoencoder of an ae.pt or flow.pt checkpoint into model.ae."""
-    ckpt = load_checkpoint(path)
-    state = ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
     try:
-        model.ae.load_state_dict(state)
+        model.ae.load_state_dict(autoencoder_state(path, trust))
     except RuntimeError:
-        raise RiverError(f"the autoencoder in {path} does not fit this config "
-                         f"(its config: ae_channels={ckpt['config']['ae_channels']}, "
-                         f"latent_dim={ckpt['config']['latent_dim']}, "
-                         f"codebook_size={ckpt['config']['codebook_size']}): pass the same --preset")
+        raise RiverError(f"the autoencoder in {path} does not fit this config: pass the --preset "
+                         "and options it was trained with")
 
 
 @torch.no_grad()
@@ -1008,13 +1104,14 @@ def encode_videos(ae, clips, device, chunk=512):
     return out
 
 
-def train_flow(model, cfg, args, device):
-    """Stage 2: the vector field on latents of the frozen autoencoder."""
+def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
+    """Stage 2: the vector field on latents of the frozen autoencoder.
+    ckpt: the flow.pt to resume from; loop: accum and ckpt_every for train_stage."""
     rank, world = dist_info()
     ae = model.ae.eval().requires_grad_(False)
     # deterministic statistics, so a resumed run standardises exactly as before
-    ae.fit_latent_stats(spread_frames(args.data, 1024, "train").to(device))
-    clips = ClipDataset(args.data, cfg.clip_frames, cfg.frame_skip, "train", args.cache_mb << 20)
+    ae.fit_latent_stats(spread_frames(data, 1024, "train").to(device))
+    clips = ClipDataset(data, cfg.clip_frames, cfg.frame_skip, "train", cache_mb << 20)
     shard = list(range(rank, len(clips), world))
     if clips.in_ram:  # encode once: training then never runs the encoder
         latents = ClipDataset(encode_videos(ae, clips, device), cfg.clip_frames, cfg.frame_skip)
@@ -1029,10 +1126,10 @@ def train_flow(model, cfg, args, device):
     def loss_fn(field, z):
         return flow_loss(field, z, cfg), {}
 
+    state = ae.state_dict()
     field = train_stage("flow", model.field, loss_fn, batches, cfg.flow_steps, cfg.flow_lr, cfg,
-                           args.run, device, resume=args.resume, ema_decay=cfg.ema_decay,
-                           accum=args.accum, extra={"ae": ae.state_dict()},
-                           ckpt_every=args.ckpt_every)
+                        run, device, ckpt=ckpt, ema_decay=cfg.ema_decay,
+                        extra={"ae": state, "ae_hash": ae_fingerprint(state)}, **loop)
     model.field = field  # the EMA weights sample
     return model
 
@@ -1089,17 +1186,28 @@ def gaussian_fit(features):
     return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
 
 
-def i3d_features(i3d, video):
-    """Features (B, F) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D that takes
-    (B, 3, T, 224, 224) in [-1, 1]."""
-    B, T = video.shape[:2]
-    x = F.interpolate(rearrange(video, "b t c h w -> (b t) c h w"), size=(224, 224),
-                      mode="bilinear", align_corners=False)
-    x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1, -1)
-    with torch.no_grad():
-        return i3d(x).reshape(B, -1).float().cpu()
+def i3d_features(i3d, video, chunk=16):
+    """Features (B, F) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D.
+
+    The I3D of published FVDs (StyleGAN-V's i3d_torchscript.pt, used by MCVD, ExtDM and the
+    tools derived from them) takes (B, 3, T, 224, 224) in [-1, 1] and is called with
+    rescale=False, resize=False, return_features=True; a module without those keyword
+    arguments is called with the video alone.
+    """
+    names = {a.name for a in i3d.forward.schema.arguments} if hasattr(i3d.forward, "schema") else set()
+    kwargs = ({"rescale": False, "resize": False, "return_features": True}
+              if {"rescale", "resize", "return_features"} <= names else {})
+    device = next(iter(i3d.parameters()), torch.empty(0)).device
+    features = []
+    for v in video.split(chunk):
+        x = F.interpolate(rearrange(v, "b t c h w -> (b t) c h w").to(device), size=(224, 224),
+                          mode="bilinear", align_corners=False)
+        x = rearrange(x, "(b t) c h w -> b c t h w", b=len(v)).clamp(-1, 1)  # (B, C, T, 224, 224)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1, -1)
+        with torch.no_grad():
+            features.append(i3d(x, **kwargs).reshape(len(v), -1).float().cpu())
+    return torch.cat(features)
 
 
 def eval_clips(data, split, context, frames, skip, videos):
@@ -1116,31 +1224,31 @@ def eval_clips(data, split, context, frames, skip, videos):
 
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver="euler",
-             batch=64, seed=0, i3d=None):
+             batch=64, seed=0, i3d=None, fvd_context=True):
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
     Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
-    best-of-N) and for the copy-last-frame baseline, the NFE per frame and seconds per frame.
+    best-of-N) and for the copy-last-frame baseline, the NFE per frame and seconds per frame;
+    with an I3D also the FVD, over whole clips (fvd_context) or the predicted frames alone.
     """
     torch.manual_seed(seed)
+    steps = model.cfg.sample_steps if steps is None else steps
+    warm_start = model.cfg.warm_start if warm_start is None else warm_start
     device = next(model.parameters()).device
     M, T = clips.shape[:2]
-    truth = clips[:, context:]  # (M, F, C, H, W)
-    ps, ss, fakes, nfe, tic = [], [], [], 0, time.time()
+    truth = clips[:, context:]  # (M, P, C, H, W): P predicted frames
+    ps, ss, fakes, tic = [], [], [], time.time()
     for _ in trange(samples, desc="samples", leave=False, disable=None):
-        preds = []
-        for x in clips[:, :context].split(batch):
-            pred, nfe = model.generate_frames(x.to(device), T - context, steps, warm_start, solver,
-                                              return_nfe=True)
-            preds.append(pred.cpu())
-        pred = torch.cat(preds)
+        pred = torch.cat([model.generate_frames(x.to(device), T - context, steps, warm_start,
+                                                solver)[:, context:].cpu()
+                          for x in clips[:, :context].split(batch)])
         ps.append(psnr(pred, truth))
         ss.append(ssim(pred, truth))
         if i3d is not None:
-            fakes.append(torch.cat([clips[:, :context], pred], 1))
+            fakes.append(torch.cat([clips[:, :context], pred], 1) if fvd_context else pred)
     seconds = (time.time() - tic) / (samples * M * (T - context))
-    ps, ss = torch.stack(ps, 1), torch.stack(ss, 1)  # (M, N, F)
-    best_p = ps[torch.arange(M), ps.mean(2).argmax(1)]  # (M, F): the best sample per video
+    ps, ss = torch.stack(ps, 1), torch.stack(ss, 1)  # (M, S, P): S samples
+    best_p = ps[torch.arange(M), ps.mean(2).argmax(1)]  # (M, P): the best sample per video
     best_s = ss[torch.arange(M), ss.mean(2).argmax(1)]
     last = clips[:, context - 1:context].expand_as(truth)
     curves = {"model_mean": (ps.mean(1), ss.mean(1)), "model_best": (best_p, best_s),
@@ -1148,10 +1256,10 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     out = {name: {"psnr": float(p.mean()), "ssim": float(s.mean()),
                   "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
            for name, (p, s) in curves.items()}
-    out.update(nfe_per_frame=nfe, seconds_per_frame=seconds)
+    out.update(nfe_per_frame=nfe_per_frame(steps, warm_start, solver), seconds_per_frame=seconds)
     if i3d is not None:
-        real = gaussian_fit(i3d_features(i3d, clips.to(device)))
-        fake = gaussian_fit(torch.cat([i3d_features(i3d, f.to(device)) for f in fakes]))
+        real = gaussian_fit(i3d_features(i3d, clips if fvd_context else truth))
+        fake = gaussian_fit(i3d_features(i3d, torch.cat(fakes)))
         out["fvd"] = frechet_distance(*real, *fake)
     return out
 
@@ -1237,27 +1345,26 @@ def save_grid(context, truth, pred, path, scale=2):
 # Command line: train, sample, eval
 # ---------------------------------------------------------------------------------------
 
+STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
+
+
 def make_config(args):
     """The preset (or, on --resume, the run's saved config) with the options given on top."""
     saved = os.path.join(args.run, "config.json")
-    if getattr(args, "resume", False) and os.path.exists(saved):
+    if args.resume and os.path.exists(saved):
         with open(saved) as f:
             cfg = config_from_dict(json.load(f))
-    elif args.preset in PRESETS:
-        cfg = copy.deepcopy(PRESETS[args.preset])
     else:
-        raise RiverError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
-    overrides = {"ae_steps": args.ae_steps, "flow_steps": args.flow_steps,
-                 "ae_batch": args.batch_size, "flow_batch": args.batch_size,
+        cfg = PRESETS[args.preset]
+    overrides = {"ae_batch": args.batch_size, "flow_batch": args.batch_size,
                  "conditioning": args.conditioning, "clip_frames": args.clip_frames,
-                 "frame_skip": args.frame_skip}
-    if args.steps is not None:
-        overrides.update({"ae_steps": args.steps} if args.stage == "ae" else
-                         {"flow_steps": args.steps} if args.stage == "flow" else
-                         {"ae_steps": args.steps, "flow_steps": args.steps})
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
+                 "frame_skip": args.frame_skip, "warmup": args.warmup,
+                 "ae_steps": args.ae_steps, "flow_steps": args.flow_steps}
+    for stage in STAGES[args.stage]:  # --steps and --lr apply to the stages being trained
+        overrides[f"{stage}_steps"] = args.steps if args.steps is not None else overrides[
+            f"{stage}_steps"]
+        overrides[f"{stage}_lr"] = args.lr
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     check_config(cfg)
     return cfg
 
@@ -1277,15 +1384,67 @@ def check_config(cfg):
         raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
-def prepare_run(run, cfg, rank=0):
-    """Create the run directory and write config.json; one-line errors if that is impossible."""
+def ae_fingerprint(state):
+    """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
+    which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k not in ("mean", "std")):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_run(args, cfg):
+    """Every check on the run directory, before anything in it changes. Returns the
+    checkpoints a --resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
+
+    Without --resume or --force, a checkpoint this command would overwrite is an error; a
+    flow checkpoint must belong to the autoencoder it continues with.
+    """
+    found = {s: os.path.join(args.run, f"{s}.pt") for s in ("ae", "flow")}
+    found = {s: p for s, p in found.items() if os.path.exists(p)}
+    trains_ae = "ae" in STAGES[args.stage] and not args.ae
+    writes = [s for s in found if s in STAGES[args.stage] and (s == "flow" or trains_ae)]
+    if trains_ae and "flow" in found:
+        writes = sorted(set(writes) | {"flow"})  # a new autoencoder orphans the flow model
+    if args.force or not writes:
+        return {"ae": None, "flow": None}
+    names = " and ".join(os.path.basename(found[s]) for s in writes)
+    if not args.resume:
+        raise RiverError(f"{args.run} already holds {names}: pass --resume to continue training, "
+                         "or --force to start over (the old files are moved to a dated subfolder)")
+    ckpts = {s: load_checkpoint(found[s], cfg, args.trust_checkpoint) if s in found else None
+             for s in ("ae", "flow")}
+    if trains_ae and ckpts["flow"] and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
+        raise RiverError(f"training the autoencoder of {args.run} further would leave flow.pt "
+                         "trained on another autoencoder: pass --force to start over")
+    if ckpts["flow"] and "flow" in STAGES[args.stage]:
+        ae_state = autoencoder_state(args.ae, args.trust_checkpoint) if args.ae else (
+            ckpts["ae"] and ckpts["ae"]["model"])
+        if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
+            raise RiverError(f"{found['flow']} was trained on another autoencoder than "
+                             f"{args.ae or found['ae']}: pass the same --ae, or --force to start over")
+    return ckpts
+
+
+def prepare_run(run, cfg, force=False, rank=0):
+    """Create the run directory and write config.json; with force, first move the files of
+    an earlier run into run/replaced-<date>/. One-line errors if that is impossible."""
     try:
         os.makedirs(run, exist_ok=True)
-        if rank == 0:
-            tmp = os.path.join(run, "config.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(asdict(cfg), f, indent=2)
-            os.replace(tmp, os.path.join(run, "config.json"))
+        if rank != 0:
+            return
+        old = [n for n in os.listdir(run) if not n.startswith("replaced-")]
+        if force and old:
+            aside = os.path.join(run, time.strftime("replaced-%Y%m%d-%H%M%S"))
+            os.makedirs(aside)
+            for name in old:
+                os.replace(os.path.join(run, name), os.path.join(aside, name))
+            print(f"--force: moved {len(old)} files of the earlier run to {aside}")
+        tmp = os.path.join(run, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        os.replace(tmp, os.path.join(run, "config.json"))
     except OSError as e:
         raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
 
@@ -1295,17 +1454,19 @@ def cmd_train(args):
         if getattr(args, flag) < 1:
             raise RiverError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     cfg = make_config(args)
+    ckpts = check_run(args, cfg)
     device = setup_distributed(pick_device(args.device))
     rank, world = dist_info()
     torch.manual_seed(args.seed + rank)  # per-rank seeds: each rank draws its own batches
-    prepare_run(args.run, cfg, rank)
+    prepare_run(args.run, cfg, args.force, rank)
     model = River(cfg).to(device)
-    if args.stage in ("ae", "all") and not args.ae:
-        train_autoencoder(model, cfg, args, device)
-    if args.stage in ("flow", "all"):
-        load_autoencoder(model, args.ae or os.path.join(args.run, "ae.pt"))
+    options = dict(cache_mb=args.cache_mb, accum=args.accum, ckpt_every=args.ckpt_every)
+    if "ae" in STAGES[args.stage] and not args.ae:
+        train_autoencoder(model, cfg, args.data, args.run, device, ckpts["ae"], **options)
+    if "flow" in STAGES[args.stage]:
+        load_autoencoder(model, args.ae or os.path.join(args.run, "ae.pt"), args.trust_checkpoint)
         model.ae.to(device)
-        train_flow(model, cfg, args, device)
+        train_flow(model, cfg, args.data, args.run, device, ckpts["flow"], **options)
         if rank == 0:
             clips = eval_clips(args.data, pick_split(args.data, "val"), cfg.context,
                                cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
@@ -1326,11 +1487,11 @@ def pick_split(path, wanted):
     return other
 
 
-def load_river(path, device):
+def load_river(path, device, trust=False):
     """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
     if os.path.isdir(path):
         path = os.path.join(path, "flow.pt")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust=trust)
     if ckpt["stage"] != "flow":
         raise RiverError(f"{path} holds only the autoencoder: train the flow stage first "
                          "(python river.py train --stage flow)")
@@ -1343,8 +1504,9 @@ def load_river(path, device):
 def write_predictions(model, context, truth, frames, stem, **sample_args):
     """Predict `frames` frames after context (B, n, C, H, W); write stem.gif and stem.png with
     context, ground truth (B, frames, C, H, W, or None) and prediction side by side."""
-    pred = model.generate_frames(context.to(next(model.parameters()).device), frames,
-                                 **sample_args).cpu()
+    device = next(model.parameters()).device
+    pred = model.generate_frames(context.to(device), frames, **sample_args)[:, context.shape[1]:]
+    pred = pred.cpu()
     save_gif(side_by_side(context, truth, pred), stem + ".gif")
     save_grid(context, truth, pred, stem + ".png")
     return pred
@@ -1353,7 +1515,7 @@ def write_predictions(model, context, truth, frames, stem, **sample_args):
 def cmd_sample(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    model = load_river(args.ckpt or args.run, device)
+    model = load_river(args.ckpt or args.run, device, args.trust_checkpoint)
     cfg = model.cfg
     context, frames = sampling_lengths(args, cfg)
     if not (args.input or args.data):
@@ -1387,8 +1549,6 @@ def sampling_lengths(args, cfg):
         raise RiverError(f"--steps must be at least 1, got {args.steps}")
     if args.warm_start is not None and not 0 <= args.warm_start < 1:
         raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
-    if args.solver not in SOLVERS:
-        raise RiverError(f"unknown solver {args.solver!r}: use one of {', '.join(SOLVERS)}")
     return context, frames
 
 
@@ -1417,26 +1577,51 @@ def read_input(path, cfg):
     return to_float(frames if frames.ndim == 4 else frames[..., None])
 
 
+# The field's evaluation conventions per data set (sources in the README): context and
+# predicted frames, test clips, samples per clip, which PSNR/SSIM is reported (best-of-N or
+# the mean over samples) and whether FVD's clips include the context frames.
+PROTOCOLS = {
+    "bair": dict(context=1, frames=15, videos=256, samples=100, report="best", fvd_context=True),
+    "kth": dict(context=10, frames=30, videos=256, samples=100, report="best", fvd_context=True),
+    "clevrer": dict(context=2, frames=14, videos=256, samples=1, report="mean", fvd_context=True),
+}
+
+
+def eval_settings(args, cfg):
+    """Each evaluation setting: the option if given, else the protocol's, else river's default."""
+    defaults = dict(context=cfg.context, frames=cfg.clip_frames - cfg.context, videos=256,
+                    samples=1, report="mean", fvd_context=True)
+    protocol = PROTOCOLS[args.protocol] if args.protocol else {}
+    given = {k: getattr(args, k, None) for k in defaults}
+    return {k: given[k] if given[k] is not None else protocol.get(k, v)
+            for k, v in defaults.items()}
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
-    model = load_river(args.run, device)
+    model = load_river(args.run, device, args.trust_checkpoint)
     cfg = model.cfg
+    settings = eval_settings(args, cfg)
+    args.context, args.frames = settings["context"], settings["frames"]
     context, frames = sampling_lengths(args, cfg)
     split = pick_split(args.data, args.split)
-    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.videos)
+    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, settings["videos"])
     i3d = None
     if args.fvd_i3d:
         try:
             i3d = torch.jit.load(args.fvd_i3d, map_location=device).eval()
         except Exception as e:
             raise RiverError(f"--fvd-i3d {args.fvd_i3d} is not a loadable TorchScript I3D ({e})")
-    result = evaluate(model, clips, context, args.samples, args.steps, args.warm_start,
-                      args.solver, seed=args.seed, i3d=i3d)
-    result["protocol"] = {"data": args.data, "split": split, "videos": len(clips),
-                          "context": context, "predicted": frames, "samples": args.samples,
-                          "seed": args.seed, "steps": cfg.sample_steps if args.steps is None else args.steps,
-                          "warm_start": cfg.warm_start if args.warm_start is None
-                          else args.warm_start, "solver": args.solver}
+    steps = cfg.sample_steps if args.steps is None else args.steps
+    warm_start = cfg.warm_start if args.warm_start is None else args.warm_start
+    result = evaluate(model, clips, context, settings["samples"], steps, warm_start, args.solver,
+                      seed=args.seed, i3d=i3d, fvd_context=settings["fvd_context"])
+    result["protocol"] = {"name": args.protocol or "river", "data": args.data, "split": split,
+                          "videos": len(clips), "context": context, "predicted": frames,
+                          "frame_skip": cfg.frame_skip, "samples": settings["samples"],
+                          "report": settings["report"], "fvd_context": settings["fvd_context"],
+                          "seed": args.seed, "steps": steps, "warm_start": warm_start,
+                          "solver": args.solver}
     print_eval(result)
     out = args.out or os.path.join(args.run if os.path.isdir(args.run) else ".", "eval")
     with open(out + ".json", "w") as f:
@@ -1451,9 +1636,10 @@ def cmd_eval(args):
 
 def print_eval(r):
     p = r["protocol"]
-    print(f"{p['videos']} videos of split {p['split']!r}: {p['context']} context -> "
-          f"{p['predicted']} predicted frames, {p['samples']} sample(s) each, seed {p['seed']}, "
-          f"{p['solver']} {p['steps']} steps, warm start {p['warm_start']}")
+    print(f"protocol {p['name']}: {p['videos']} videos of split {p['split']!r}, {p['context']} "
+          f"context -> {p['predicted']} predicted frames, {p['samples']} sample(s) each (report "
+          f"{p['report']}), seed {p['seed']}, {p['solver']} {p['steps']} steps, warm start "
+          f"{p['warm_start']}")
     print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
     for name, label in (("model_mean", "model (mean of samples)"),
                         ("model_best", f"model (best of {p['samples']})"),
@@ -1561,13 +1747,25 @@ def claims_table(rows, grid, videos, grid_videos, context, frames, seed, budget)
     return "\n".join(lines) + "\n"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other user error of river."""
+
+    def error(self, message):
+        print(f"error: {message} (see python river.py {self.prog.split()[-1]} --help)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="river.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="river.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q):
         q.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow checkpoints that hold pickled Python objects (they can run "
+                            "code when loaded): only for files from a source you trust")
 
     t = sub.add_parser("train", help="train the autoencoder, then the flow model")
     common(t)
@@ -1575,19 +1773,26 @@ def build_parser():
     t.add_argument("--run", "--run-dir", dest="run", default="runs/tiny",
                    help="run directory (default: runs/tiny); under torchrun write --run-dir, "
                         "since torchrun takes --run for its own --run-path")
-    t.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     t.add_argument("--stage", default="all", choices=("ae", "flow", "all"))
     t.add_argument("--ae", help="reuse the autoencoder of this ae.pt/flow.pt (skips stage 1)")
     t.add_argument("--steps", type=int, help="optimizer steps of the stage(s) being trained")
     t.add_argument("--ae-steps", type=int)
     t.add_argument("--flow-steps", type=int)
     t.add_argument("--batch-size", type=int, help="clips (flow) or frames (ae) per step and rank")
+    t.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
+    t.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
     t.add_argument("--frame-skip", type=int, help="use every k-th frame (preset's default)")
     t.add_argument("--conditioning", choices=("random", "last", "fixed"),
                    help="past frame used as condition: random (paper), last, fixed (ablations)")
-    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoints; step counts, batch size, learning "
+                        "rate and warm-up may change, the model may not")
+    t.add_argument("--force", action="store_true",
+                   help="start over in a run directory that holds checkpoints (they are moved "
+                        "to RUN/replaced-<date>/, not deleted)")
     t.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
     t.add_argument("--cache-mb", type=int, default=4096,
                    help="a split up to this size is read into RAM, a larger one streamed")
@@ -1598,9 +1803,11 @@ def build_parser():
         q.add_argument("--split", default="test")
         q.add_argument("--context", type=int, help="context frames (default: the preset's)")
         q.add_argument("--frames", type=int, help="frames to predict")
-        q.add_argument("--steps", type=int, help="ODE steps per frame (default: the preset's)")
+        q.add_argument("--steps", type=int, help="solver steps over [0, 1] (default: the "
+                       "preset's); a warm start at s takes about (1 - s) of them")
         q.add_argument("--warm-start", type=float, help="start time s in [0, 1)")
-        q.add_argument("--solver", default="euler", help="euler, midpoint or rk4")
+        q.add_argument("--solver", default="euler", choices=tuple(SOLVERS),
+                       help="euler (default), midpoint or rk4 (the official sampler's 3/8 rule)")
 
     s = sub.add_parser("sample", help="predict videos; writes a GIF and a PNG grid")
     sampling(s)
@@ -1613,8 +1820,11 @@ def build_parser():
     e = sub.add_parser("eval", help="PSNR/SSIM (and FVD) against the copy-last-frame baseline")
     sampling(e)
     e.add_argument("--run", default="runs/tiny", help="run directory or flow.pt")
-    e.add_argument("--samples", type=int, default=1, help="samples per video (best-of-N)")
-    e.add_argument("--videos", type=int, default=256, help="videos to evaluate (0: all)")
+    e.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                   help="the field's conventions for this data set (frames, clips, samples, FVD "
+                        "clip); options given explicitly override them")
+    e.add_argument("--samples", type=int, help="samples per video (best-of-N; default 1)")
+    e.add_argument("--videos", type=int, help="videos to evaluate (0: all; default 256)")
     e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
     e.add_argument("--out", help="output stem (default: RUN/eval)")
 

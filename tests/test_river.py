@@ -131,57 +131,89 @@ def test_training_indices_stay_in_range():
 
 
 def test_conditioning_modes():
-    ref = torch.arange(0, 10)
-    c, d = river.conditioning_index(ref, "last")
-    assert (c == ref).all() and (d == 1).all()
-    c, d = river.conditioning_index(ref, "fixed")
-    assert (c == (ref - 1).clamp(min=0)).all() and (d == 1).all()
-    with pytest.raises(river.RiverError, match="unknown conditioning"):
-        river.conditioning_index(ref, "sideways")
+    for T in (3, 16):
+        tau, ref, c, d = river.training_indices(1000, T, "last")
+        assert (c == ref).all() and (d == 1).all()
+        tau, ref, c, d = river.training_indices(1000, T, "fixed")
+        assert (c == ref - 1).all() and (d == 1).all()
+    c, d = river.past_frame(6, 1000, "last")
+    assert (c == 5).all() and (d == 1).all()
+    c, d = river.past_frame(6, 1000, "fixed")
+    assert (c == 4).all() and (d == 1).all()
 
 
 @pytest.mark.parametrize("horizon", [-1, 1, 3])
 def test_sampling_conditioning_respects_past_horizon(horizon):
-    ref = torch.full((50_000,), 9)
-    c, d = river.conditioning_index(ref, "random", horizon)
+    c, d = river.past_frame(10, 50_000, "random", horizon)
     reach = 9 if horizon < 0 else horizon
     assert c.min() == 9 - reach and c.max() == 8
-    assert d.min() == 1 and d.max() == reach
-    c, d = river.conditioning_index(torch.zeros(10, dtype=torch.long), "random", horizon)
-    assert (c == 0).all() and (d == 1).all()  # a single context frame is used twice
+    assert d.min() == 1 and d.max() == reach and (d == 9 - c).all()
+    c, d = river.past_frame(1, 10, "random", horizon)
+    assert (c == 0).all() and (d == 1).all()  # a single context frame is its own past
+
+
+def test_past_frame_draws_what_the_official_sampler_draws():
+    torch.manual_seed(3)
+    c, d = river.past_frame(7, 5)
+    torch.manual_seed(3)
+    expected = torch.randint(0, 6, (5,))  # the official call: randint(0, L - 1, (B,))
+    assert torch.equal(c, expected) and torch.equal(d, 6 - expected)
 
 
 # ----------------------------------------------------------------------------- solvers and sampler
 
+def solve(field, x0, steps, solver):
+    return river.integrate(field, x0, river.time_grid(0.0, steps), solver)
+
+
 @pytest.mark.parametrize("steps", [1, 4, 10])
 def test_integrate_linear_ode(steps):
     a, x0 = -1.3, torch.tensor([2.0, -0.5], dtype=torch.float64)
-    h = 1.0 / steps
+    z = a / steps
 
     def field(x, t):
         return a * x
 
-    x, nfe = river.integrate(field, x0, 0.0, 1.0, steps, "euler")
-    torch.testing.assert_close(x, x0 * (1 + a * h) ** steps)
-    assert nfe == steps
-    x, nfe = river.integrate(field, x0, 0.0, 1.0, steps, "midpoint")
-    torch.testing.assert_close(x, x0 * (1 + a * h + (a * h) ** 2 / 2) ** steps)
-    assert nfe == 2 * steps
-    x, nfe = river.integrate(field, x0, 0.0, 1.0, steps, "rk4")
-    assert nfe == 4 * steps
-    z = a * h
+    torch.testing.assert_close(solve(field, x0, steps, "euler"), x0 * (1 + z) ** steps)
+    torch.testing.assert_close(solve(field, x0, steps, "midpoint"),
+                               x0 * (1 + z + z ** 2 / 2) ** steps)
+    x = solve(field, x0, steps, "rk4")
     torch.testing.assert_close(x, x0 * (1 + z + z ** 2 / 2 + z ** 3 / 6 + z ** 4 / 24) ** steps)
     if steps >= 4:  # fourth order: close to the exact solution x0 e^a
         torch.testing.assert_close(x, x0 * math.exp(a), atol=1e-4, rtol=0)
     assert x0.tolist() == [2.0, -0.5]  # the input is untouched
+    for solver, evals in (("euler", 1), ("midpoint", 2), ("rk4", 4)):
+        assert river.nfe_per_frame(steps, 0.0, solver) == evals * steps
 
 
-def test_integrate_time_dependent_field_and_unknown_solver():
-    x, _ = river.integrate(lambda x, t: torch.full_like(x, 2 * t), torch.zeros(1), 0.2, 1.0, 50,
-                           "rk4")
+def test_rk4_is_the_three_eighths_rule():
+    """torchdiffeq's rk4 (the official solver): evaluations at t, t + dt/3, t + 2dt/3, t + dt
+    and the weights 1/8, 3/8, 3/8, 1/8, exact for a cubic in t."""
+    times = []
+
+    def field(x, t):
+        times.append(float(t))
+        return torch.full_like(x, 4 * float(t) ** 3)
+
+    x = river.integrate(field, torch.zeros(1, dtype=torch.float64), torch.tensor([0.0, 0.6]), "rk4")
+    assert times == pytest.approx([0.0, 0.2, 0.4, 0.6])
+    assert float(x) == pytest.approx(0.6 ** 4, abs=1e-3)  # x = t^4; Simpson 3/8 of a cubic
+
+
+def test_time_grid_is_the_official_grid_so_a_warm_start_saves_evaluations():
+    for steps, s in ((10, 0.0), (99, 0.0), (99, 0.5), (20, 0.3), (3, 0.9)):
+        official = torch.linspace(s, 1, max(2, int((1 - s) * (steps + 1))))
+        assert torch.equal(river.time_grid(s, steps), official)
+    assert river.nfe_per_frame(99, 0.0, "rk4") == 396  # the official default: 100 points
+    assert river.nfe_per_frame(99, 0.5, "rk4") == 196  # a warm start at 0.5 halves the cost
+    assert river.nfe_per_frame(10, 0.5, "euler") == 4
+    assert river.nfe_per_frame(2, 0.95, "euler") == 1  # never fewer than one step
+
+
+def test_integrate_time_dependent_field():
+    x = river.integrate(lambda x, t: torch.full_like(x, 2 * float(t)), torch.zeros(1),
+                        river.time_grid(0.2, 50), "rk4")
     assert abs(float(x) - (1 - 0.2 ** 2)) < 1e-6
-    with pytest.raises(river.RiverError, match="unknown solver"):
-        river.integrate(lambda x, t: x, torch.zeros(1), 0, 1, 1, "leapfrog")
 
 
 def test_warm_start_state_follows_its_formula():
@@ -192,29 +224,64 @@ def test_warm_start_state_follows_its_formula():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_generate_frames_shapes(n):
+def test_generate_frames_returns_the_context_then_the_predictions(n):
     model = river.River(SMALL).eval()
-    frames, nfe = model.generate_frames(torch.rand(2, n, 3, 32, 32) * 2 - 1, 4, steps=3,
-                                        solver="midpoint", return_nfe=True)
-    assert frames.shape == (2, 4, 3, 32, 32) and nfe == 6
+    context = torch.rand(2, n, 3, 32, 32) * 2 - 1
+    frames = model.generate_frames(context, 4, steps=3, solver="midpoint")
+    assert frames.shape == (2, n + 4, 3, 32, 32)
     assert frames.min() >= -1 and frames.max() <= 1
+    # the context passes through the autoencoder, as in the official generate_frames
+    recon = model.ae.decode(model.ae.encode(context.flatten(0, 1))).view(2, n, 3, 32, 32)
+    torch.testing.assert_close(frames[:, :n], recon)
+
+
+def spy_on_field(model, seen):
+    def spy(x, t, ref, cond, d):
+        seen.append((float(cond[0, 0, 0, 0]), int(d[0]), float(ref[0, 0, 0, 0]), float(t[0])))
+        return torch.zeros_like(x)
+
+    model.field.forward = spy
 
 
 def test_sampler_draws_a_new_past_frame_at_every_evaluation():
     model = river.River(SMALL).eval()
     past = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(1, 6, SMALL.latent_dim, 8, 8)
     seen = []
-
-    def spy(x, t, ref, cond, d):
-        seen.append((float(cond[0, 0, 0, 0]), int(d[0]), float(ref[0, 0, 0, 0])))
-        return torch.zeros_like(x)
-
-    model.field.forward = spy
+    spy_on_field(model, seen)
     torch.manual_seed(0)
-    model.next_latent(past, steps=200, warm_start=0.5, past_horizon=3)
-    conds = {c for c, _, _ in seen}
+    model.next_latent(past, steps=400, warm_start=0.5, past_horizon=3)
+    conds = {c for c, _, _, _ in seen}
     assert conds == {2.0, 3.0, 4.0}  # within 3 frames of the reference, every one drawn
-    assert all(ref == 5.0 and d == 5 - c for c, d, ref in seen)
+    assert all(ref == 5.0 and d == 5 - c for c, d, ref, _ in seen)
+
+
+def test_sampler_makes_the_official_random_draws_in_the_official_order():
+    """Per frame one torch.randn((B, D, h, w)), then one torch.randint(0, L - 1, (B,)) per
+    network evaluation: with the same seed, river draws exactly what the official code draws."""
+    model, B, L = river.River(SMALL).eval(), 3, 5
+    history = torch.randn(B, L, SMALL.latent_dim, 8, 8)
+    seen = []
+    spy_on_field(model, seen)
+    torch.manual_seed(7)
+    model.next_latent(history, steps=3, solver="rk4")
+    torch.manual_seed(7)
+    torch.randn(B, SMALL.latent_dim, 8, 8)
+    draws = [torch.randint(0, L - 1, (B,)) for _ in range(12)]  # 3 steps x 4 evaluations
+    assert len(seen) == 12
+    assert [c for c, *_ in seen] == [float(history[0, int(c[0]), 0, 0, 0]) for c in draws]
+    assert [t for *_, t in seen] == pytest.approx([0, 1 / 9, 2 / 9, 1 / 3, 1 / 3, 4 / 9, 5 / 9,
+                                                   2 / 3, 2 / 3, 7 / 9, 8 / 9, 1], abs=1e-6)
+
+
+def test_a_single_context_frame_sits_twice_in_the_official_history():
+    seen = []
+    cfg = river.replace(SMALL, official_history=True, conditioning="random")
+    model = river.River(cfg).eval()
+    spy_on_field(model, seen)
+    frames = model.generate_frames(torch.zeros(1, 1, 3, 32, 32), 2, steps=1, solver="euler")
+    assert frames.shape == (1, 3, 3, 32, 32)  # the duplicate is not returned
+    # frame 1: history [z0, z0]: d = 1; frame 2: [z0, z0, z1]: d is 1 or 2 (the official quirk)
+    assert seen[0][1] == 1 and seen[1][1] in (1, 2)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -385,21 +452,35 @@ def test_claims_end_to_end(data, trained_run, tmp_path, capsys):
     result = json.loads((out / "claims.json").read_text())
     assert set(result["conditioning"]) == {"random", "last", "fixed"}
     assert len(result["steps_warm_start"]) == 24
-    assert result["steps_warm_start"]["100,0.5"]["nfe_per_frame"] == 100
+    assert result["steps_warm_start"]["100,0.5"]["nfe_per_frame"] == 49  # the official grid
     for mode in ("last", "fixed"):
         cfg = json.loads((out / f"cond-{mode}" / "config.json").read_text())
         assert cfg["conditioning"] == mode and cfg["flow_steps"] == 6
     table = (out / "claims.md").read_text()
-    assert "random past frame (paper)" in table and "| 100 | 0.5 | 100 |" in table
+    assert "random past frame (paper)" in table and "| 100 | 0.5 | 49 |" in table
     assert table in capsys.readouterr().out
 
 
-def test_fvd_with_a_user_supplied_torchscript_i3d(data, trained_run, tmp_path):
-    class StandIn(torch.nn.Module):  # any TorchScript (B, 3, T, 224, 224) -> (B, F) will do
-        def forward(self, x):
-            return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+class FieldI3D(torch.nn.Module):
+    """Stands in for StyleGAN-V's i3d_torchscript.pt: the same call signature, and it checks
+    that it is called as the published FVDs call it."""
 
-    torch.jit.script(StandIn()).save(str(tmp_path / "i3d.pt"))
+    def forward(self, x, rescale: bool = True, resize: bool = True,
+                return_features: bool = False):
+        assert not rescale and not resize and return_features, "called without the FVD kwargs"
+        assert x.shape[1] == 3 and x.shape[3:] == (224, 224), "expects (B, 3, T, 224, 224)"
+        assert float(x.min()) >= -1 and float(x.max()) <= 1, "expects videos in [-1, 1]"
+        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+
+class PlainI3D(torch.nn.Module):  # any other TorchScript (B, 3, T, 224, 224) -> (B, F)
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+
+@pytest.mark.parametrize("module", [FieldI3D, PlainI3D])
+def test_fvd_with_a_user_supplied_torchscript_i3d(data, trained_run, tmp_path, module):
+    torch.jit.script(module()).save(str(tmp_path / "i3d.pt"))
     river.main(["eval", "--run", str(trained_run), "--data", data, "--context", "2", "--frames",
                 "3", "--videos", "2", "--steps", "1", "--fvd-i3d", str(tmp_path / "i3d.pt"),
                 "--out", str(tmp_path / "ev")])
@@ -409,3 +490,54 @@ def test_fvd_with_a_user_supplied_torchscript_i3d(data, trained_run, tmp_path):
     with pytest.raises(SystemExit):
         river.main(["eval", "--run", str(trained_run), "--data", data, "--fvd-i3d",
                     str(tmp_path / "bad.pt")])
+
+
+def test_fvd_clip_with_or_without_the_context():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[2])
+            return x.mean((2, 3, 4))
+
+    model = river.River(SMALL).eval()
+    clips = torch.rand(2, 5, 3, 32, 32) * 2 - 1
+    for with_context, frames in ((True, 5), (False, 3)):
+        seen.clear()
+        river.evaluate(model, clips, 2, steps=1, i3d=Spy(), fvd_context=with_context)
+        assert seen == [frames, frames]  # real clips, then generated clips
+
+
+def test_eval_protocols_fix_the_fields_conventions(data, trained_run, tmp_path):
+    cfg = river.Config()
+    args = river.build_parser().parse_args(["eval", "--data", data, "--protocol", "kth"])
+    assert river.eval_settings(args, cfg) == dict(context=10, frames=30, videos=256, samples=100,
+                                                  report="best", fvd_context=True)
+    args = river.build_parser().parse_args(["eval", "--data", data, "--samples", "3"])
+    assert river.eval_settings(args, cfg)["samples"] == 3
+    assert river.eval_settings(args, cfg)["context"] == cfg.context
+    # explicit options override the protocol; eval.json records what was run and its name
+    river.main(["eval", "--run", str(trained_run), "--data", data, "--protocol", "bair",
+                "--frames", "2", "--videos", "2", "--samples", "2", "--steps", "1",
+                "--out", str(tmp_path / "ev")])
+    protocol = json.loads((tmp_path / "ev.json").read_text())["protocol"]
+    assert protocol["name"] == "bair" and protocol["context"] == 1 and protocol["predicted"] == 2
+    assert protocol["samples"] == 2 and protocol["report"] == "best" and protocol["fvd_context"]
+
+
+def test_resume_with_a_longer_budget(data, tmp_path):
+    run = tmp_path / "run"
+    river.main(train_args(data, run, "--stage", "ae"))
+    river.main(train_args(data, run, "--stage", "ae", "--steps", "10", "--lr", "1e-3",
+                          "--resume"))
+    ckpt = torch.load(run / "ae.pt", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["config"]["ae_steps"] == 10
+    assert json.loads((run / "config.json").read_text())["ae_lr"] == 1e-3
+    # the schedule now ends at step 10 with the new peak learning rate
+    group = ckpt["opt"]["param_groups"][0]
+    assert group["initial_lr"] == 1e-3
+    assert group["lr"] == pytest.approx(1e-3 * river.lr_factor(10, river.Config().warmup, 10))
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [6, 10]
+    with pytest.raises(SystemExit):  # what the model is may not change
+        river.main(train_args(data, run, "--stage", "ae", "--conditioning", "fixed", "--resume"))

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def test_bad_training_options(data, trained, tmp_path):
 def test_bad_checkpoints(data, trained, tmp_path):
     # resuming with another config
     one_line_error(river_cli("train", "--data", data, "--run", trained, "--resume",
-                             "--flow-steps", "7"), "another config", "flow_steps")
+                             "--conditioning", "fixed"), "another config", "conditioning")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(1000))
     one_line_error(river_cli("sample", "--ckpt", junk, "--data", data), "not a readable checkpoint")
@@ -239,6 +240,77 @@ def test_bad_checkpoints(data, trained, tmp_path):
                    "only the autoencoder")
     one_line_error(river_cli("train", "--data", data, "--run", tmp_path / "r", "--stage", "flow",
                              "--ae", trained / "ae.pt", "--preset", "bair64"), "does not fit")
+
+
+# ----------------------------------------------------------------------------- safety
+
+def files_of(run):
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def test_a_second_train_without_resume_changes_nothing(data, trained):
+    before = files_of(trained)
+    one_line_error(river_cli("train", "--data", data, "--run", trained, "--ae-steps", "2",
+                             "--flow-steps", "2", "--batch-size", "2"),
+                   "ae.pt and flow.pt", "--resume", "--force")
+    assert files_of(trained) == before  # config.json included
+
+
+def test_force_starts_over_and_keeps_the_old_files_aside(data, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = files_of(run)
+    river.main(["train", "--data", data, "--run", str(run), "--stage", "ae", "--ae-steps", "2",
+                "--batch-size", "2", "--seed", "5", "--force"])
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and files_of(aside[0]) == before
+    assert (run / "ae.pt").read_bytes() != before["ae.pt"] and not (run / "flow.pt").exists()
+
+
+def test_a_flow_model_never_outlives_its_autoencoder(data, trained, tmp_path):
+    other = tmp_path / "other"
+    river.main(["train", "--data", data, "--run", str(other), "--stage", "ae", "--ae-steps", "2",
+                "--batch-size", "2", "--seed", "1"])
+    one_line_error(river_cli("train", "--data", data, "--run", trained, "--stage", "flow",
+                             "--ae", other / "ae.pt", "--resume"), "another autoencoder")
+    # training stage 1 further under an existing flow stage asks for --force
+    one_line_error(river_cli("train", "--data", data, "--run", trained, "--stage", "ae",
+                             "--steps", "4", "--resume"), "flow.pt", "--force")
+    # the same autoencoder resumes (nothing left to do at the same budget)
+    assert river_cli("train", "--data", data, "--run", trained, "--stage", "flow", "--resume",
+                     "--ae", trained / "ae.pt").returncode == 0
+
+
+class Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_no_checkpoint_runs_code(data, trained, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"river": 1, "stage": "flow", "payload": Payload(str(marker))}, tmp_path / "evil.pt")
+    for command in (("sample", "--ckpt", tmp_path / "evil.pt", "--data", data),
+                    ("train", "--data", data, "--run", tmp_path / "r", "--stage", "flow",
+                     "--ae", tmp_path / "evil.pt")):
+        one_line_error(river_cli(*command), "pickled", "--trust-checkpoint")
+    assert not marker.exists()
+
+
+def test_a_trusted_file_with_pickled_objects_loads_with_the_opt_in_flag(data, trained, tmp_path):
+    import argparse
+    ckpt = torch.load(trained / "flow.pt", weights_only=True)
+    ckpt["hyper_parameters"] = argparse.Namespace(lr=1e-4)  # as Lightning files often carry
+    torch.save(ckpt, tmp_path / "lightning.pt")
+    args = ("sample", "--ckpt", tmp_path / "lightning.pt", "--data", data, "--num", "1",
+            "--frames", "2", "--steps", "1", "--out", tmp_path / "p.gif")
+    one_line_error(river_cli(*args), "pickled", "--trust-checkpoint")
+    assert river_cli(*args, "--trust-checkpoint").returncode == 0
+    assert (tmp_path / "p.gif").exists()
 
 
 # ----------------------------------------------------------------------------- memory
