@@ -18,6 +18,7 @@ returned whatever split is asked for (train and test are then the SAME videos) a
 `splits_in` reports it as ['plain'].
 
 Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
+Resizing: every reader resizes the whole frame to a square with LANCZOS, no crop (`_fit`).
 Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
 This module owns the format; it never imports river.py (river.py imports it).
 """
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 PLAIN = "plain"  # what splits_in reports for a file in the plain (split-less) layout
+MEMORY = "memory"  # top-level group of per-frame flags; it has no `len`, so readers skip it
 
 
 class DataError(ValueError):
@@ -45,12 +47,15 @@ class DataError(ValueError):
 # Writing
 # ---------------------------------------------------------------------------------------
 
-def write_videos(out, splits, force=False, progress=True):
+def write_videos(out, splits, force=False, progress=True, attrs=None, memory=None):
     """Write {split name: iterable of uint8 (T, H, W, C) videos} to the HDF5 file `out`.
 
     Atomic: the file is built as `out.tmp-<pid>` in the same directory and renamed onto
     `out` only when complete; on any exception the temporary file is removed. Videos are
     consumed lazily, so a generator keeps memory at one video.
+    `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info` shows them).
+    `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
+    /memory/<split>/<i> (see `memory_flags`); each must match its video's length.
     """
     out = Path(out)
     if not splits:
@@ -65,12 +70,32 @@ def write_videos(out, splits, force=False, progress=True):
     try:
         # the 1.10 file format stores a small dataset in ~1/5 of the bytes of the 1.8 default
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs.update(attrs or {})
             for name, videos in splits.items():
                 _write_split(f.create_group(name), name, videos, progress)
+            for name, flags in (memory or {}).items():
+                _write_memory(f, name, flags)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_memory(f, split, flags):
+    """Per-frame flags of one split as /memory/<split>/<i>, checked against the videos."""
+    if split not in f:
+        raise DataError(f"memory flags given for split '{split}', which has no videos")
+    lengths = f[split]["len"]
+    if len(flags) != len(lengths):
+        raise DataError(f"split '{split}' has {len(lengths)} videos but {len(flags)} memory "
+                        f"flag arrays; pass one per video")
+    group = f.require_group(MEMORY).create_group(split)
+    for i, flag in enumerate(flags):
+        flag = np.asarray(flag, bool)
+        if flag.shape != (int(lengths[str(i)][()]),):
+            raise DataError(f"split '{split}' video {i}: memory flags of shape {flag.shape} "
+                            f"for {int(lengths[str(i)][()])} frames; pass one flag per frame")
+        group.create_dataset(str(i), data=flag)
 
 
 def _write_split(group, name, videos, progress):
@@ -142,7 +167,11 @@ def _open(path):
 
 def _split_names(f):
     """Top-level groups of `f` that hold a `len` group, official split names first."""
-    names = [k for k in f if isinstance(f[k], h5py.Group) and "len" in f[k]]
+    return _ordered(k for k in f if isinstance(f[k], h5py.Group) and "len" in f[k])
+
+
+def _ordered(names):
+    """Split names in the order train, val, test, then any others by name."""
     return sorted(names, key=lambda k: (SPLITS.index(k) if k in SPLITS else len(SPLITS), k))
 
 
@@ -150,9 +179,9 @@ def _split_group(f, path, split):
     """The group holding `split` in file `f`; for the plain layout, the file itself."""
     if "len" in f:
         return f
-    if isinstance(f.get(split), h5py.Group):
-        return f[split]
     have = _split_names(f)
+    if split in have:
+        return f[split]
     if have:
         raise DataError(f"{path}: split '{split}' not in file; it has: {', '.join(have)}; "
                         f"ask for one of those")
@@ -299,6 +328,23 @@ def _common_shape(shapes, path, split):
     return first
 
 
+def memory_flags(path, split="train"):
+    """Per-frame memory flags of one split: a list with one bool (T,) array per video, in
+    video order. True marks a frame whose content the last two frames do not determine and
+    one older frame does (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
+    path0 = _shard_paths(path)[0]
+    with _open(path0) as f:
+        group = f.get(MEMORY)
+        if not isinstance(group, h5py.Group):
+            raise DataError(f"{path0} has no memory flags; only `data_prep.py synthetic --kind "
+                            f"occluder` writes them")
+        if split not in group:
+            raise DataError(f"{path0}: no memory flags for split '{split}'; it has them for: "
+                            f"{', '.join(group)}")
+        flags = group[split]
+        return [flags[str(i)][()].astype(bool) for i in range(len(flags))]
+
+
 # ---------------------------------------------------------------------------------------
 # frames: folders of images -> HDF5
 # ---------------------------------------------------------------------------------------
@@ -308,16 +354,28 @@ def _natural_key(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _load_image(path, size):
-    """One image file as uint8 (size, size, 3) RGB."""
+def _fit(image, size, mode="RGB"):
+    """The one resize rule of every reader (frames, npy, videos, read_clip): a PIL image
+    -> uint8 (size, size) array in `mode` ('RGB' or 'L'). The WHOLE frame is resized to a
+    square, as the official converter does: no crop, so the aspect ratio is not kept."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            # LANCZOS low-passes before subsampling, so downsizing does not alias
-            image = image.resize((size, size), Image.LANCZOS)
-        return np.asarray(image, dtype=np.uint8)
+    image = image.convert(mode)  # first: palette and 16-bit images must not be resampled raw
+    if image.size != (size, size):
+        # LANCZOS low-passes before subsampling, so downsizing does not alias
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _load_image(path, size, mode="RGB"):
+    """One image file as uint8 (size, size, 3) RGB, or (size, size) for mode 'L'."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return _fit(image, size, mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
 
 def _load_video(folder, extension, size):
@@ -382,14 +440,14 @@ def _uint8_converter(array):
 
 
 def _resize_video(video, size):
-    """uint8 (T, H, W, C) -> (T, size, size, C) with Pillow."""
+    """uint8 (T, H, W, C), C = 1 or 3 -> (T, size, size, C) by the rule of `_fit`."""
     from PIL import Image
 
     if video.shape[1:3] == (size, size):
         return video
-    mode = "L" if video.shape[-1] == 1 else "RGB"
-    frames = [np.asarray(Image.fromarray(f.squeeze(-1) if mode == "L" else f, mode)
-                         .resize((size, size), Image.LANCZOS)) for f in video]
+    gray = video.shape[-1] == 1
+    frames = [_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, "L" if gray else "RGB")
+              for f in video]
     return np.stack(frames).reshape(len(video), size, size, -1)
 
 
@@ -423,13 +481,23 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
                  force, progress)
 
 
-def _fraction_splits(count, split, val_frac, test_frac, load):
-    """{name: lazy videos}: the last val_frac + test_frac of `count` videos go to val, test."""
+def _fraction_counts(count, val_frac, test_frac):
+    """(n_val, n_test) for `count` videos; every split asked for gets at least one."""
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(f"--val_frac {val_frac} and --test_frac {test_frac} must lie in [0, 1) "
+                        f"and sum to less than 1")
     n_val, n_test = round(count * val_frac), round(count * test_frac)
     n_main = count - n_val - n_test
     if n_main < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
         raise DataError(f"{count} videos cannot be split with --val_frac {val_frac} and "
                         f"--test_frac {test_frac}; every split needs at least one video")
+    return n_val, n_test
+
+
+def _fraction_splits(count, split, val_frac, test_frac, load):
+    """{name: lazy videos}: the last val_frac + test_frac of `count` videos go to val, test."""
+    n_val, n_test = _fraction_counts(count, val_frac, test_frac)
+    n_main = count - n_val - n_test
     if (split == "val" and n_val) or (split == "test" and n_test):
         raise DataError(f"--split {split} clashes with --{split}_frac; pick another --split")
     bounds = [(split, 0, n_main), ("val", n_main, n_main + n_val),
@@ -588,7 +656,8 @@ def _megabytes(nbytes):
 
 
 def info(path, file=None):
-    """Print a table to `file` (default stdout): one row per split."""
+    """Print a table to `file` (default stdout): one row per split; then the size on disk,
+    and the kind of data and its memory flags when the file records them."""
     header = ("split", "videos", "frames min/med/max", "resolution", "C", "dtype", "raw size")
     rows = []
     for split in splits_in(path):
@@ -601,8 +670,21 @@ def info(path, file=None):
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)), file=file)
-    on_disk = sum(p.stat().st_size for p in _shard_paths(path))
+    shards = _shard_paths(path)
+    on_disk = sum(p.stat().st_size for p in shards)
     print(f"on disk: {_megabytes(on_disk)} for all splits, compressed ({path})", file=file)
+    with _open(shards[0]) as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        memory = f.get(MEMORY)
+        counts = {split: (sum(int(d[()].sum()) for d in memory[split].values()),
+                          sum(d.shape[0] for d in memory[split].values()))
+                  for split in (_ordered(memory) if isinstance(memory, h5py.Group) else [])}
+    if attrs:
+        print("data: " + ", ".join(f"{k}={v}" for k, v in sorted(attrs.items())), file=file)
+    if counts:
+        print("memory frames (an older frame needed): " + ", ".join(
+            f"{split} {m} of {t} ({100 * m / max(t, 1):.1f}%)" for split, (m, t) in counts.items()),
+            file=file)
 
 
 # ---------------------------------------------------------------------------------------

@@ -366,3 +366,35 @@ def test_crash_mid_write_leaves_nothing(tmp_path, rng):
         write_videos(tmp_path / "out.h5", {"train": random_videos(rng, 1), "test": crashing()},
                      progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_flags_written_checked_and_read(tmp_path, small_h5, rng, capsys):
+    path, _ = small_h5
+    with pytest.raises(DataError, match="has no memory flags; only .*--kind occluder"):
+        data_prep.memory_flags(path, "train")
+    videos = random_videos(rng, 2, frames=3)
+    out = tmp_path / "m.h5"
+    with pytest.raises(DataError, match="memory flags of shape \\(2,\\) for 3 frames"):
+        write_videos(out, {"train": videos}, progress=False,
+                     memory={"train": [np.zeros(3, bool), np.zeros(2, bool)]})
+    with pytest.raises(DataError, match="has 2 videos but 1 memory flag arrays"):
+        write_videos(out, {"train": videos}, progress=False,
+                     memory={"train": [np.zeros(3, bool)]})
+    assert not out.exists()
+    flags = [np.array([True, False, True]), np.zeros(3, bool)]
+    write_videos(out, {"train": videos}, progress=False, attrs={"kind": "test"},
+                 memory={"train": flags})
+    for got, want in zip(data_prep.memory_flags(out, "train"), flags):
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(DataError, match="no memory flags for split 'test'; it has them for: "
+                                        "train"):
+        data_prep.memory_flags(out, "test")
+    # the readers of frames do not take /memory for a split
+    assert splits_in(out) == ["train"]
+    with pytest.raises(DataError, match="split 'memory' not in file; it has: train"):
+        VideoStore(out, "memory")
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "data: kind=test" in text and "train 2 of 6 (33.3%)" in text
