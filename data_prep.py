@@ -3,13 +3,17 @@
 One command line with four subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
-    synthetic  colored balls bouncing off the walls and off each other                    -> HDF5
+    synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
 
 Layout written (the official RIVER layout, one copy per split, all splits in ONE file):
     /train/len/0, /train/len/1, ...    scalar int: number of frames of video 0, 1, ...
     /train/0/0, /train/0/1, ...        uint8 (H, W, C) frames of video 0, lzf-compressed
     /val/...  /test/...                the same layout for the other splits (those that exist)
+    /memory/train/0, ...               optional: bool (T,) per video, frames where an older
+                                       frame is needed (synthetic --kind occluder)
+    root attributes                    optional: kind ('balls', 'occluder', ...), seed, ...
+Readers find splits as the top-level groups holding `len`, so they skip /memory.
 
 Layout also read: the plain official layout (`len` and the video groups at the top level,
 no split groups), as one file or as a directory of *.h5/*.hdf5 shards, each shard numbering
@@ -519,8 +523,10 @@ SPEED = (1.0, 2.5)   # px per frame at size 32
 MAX_STEP = 0.25      # px a ball may move per simulation sub-step
 
 
-def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
-    """Render `num_videos` videos of 1..max_balls colored balls on black.
+def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
+    """Render `num_videos` videos of 1..max_balls colored balls on black. `speed` scales
+    every ball's speed (0.25: a slowly changing data set; the same seed draws the same
+    scenes at any speed).
 
     Returns (videos, state): videos uint8 (N, T, S, S, 3), and state, a dict of
     pos (N, T, B, 2) ball centres (x, y) in pixels, vel (N, T, B, 2) in pixels per frame,
@@ -529,6 +535,8 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
     """
     if not 1 <= max_balls <= len(PALETTE):
         raise DataError(f"--max_balls {max_balls} out of range; use 1..{len(PALETTE)}")
+    if not 0 < speed <= 10:
+        raise DataError(f"--speed {speed} out of range; use a factor in (0, 10], 1 = default")
     if size < 16 or frames < 1 or num_videos < 1:
         raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
                         f"frames {frames}, videos {num_videos}")
@@ -538,12 +546,12 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
     radius = rng.uniform(*RADIUS, (num_videos, max_balls)) * scale * active  # (N, B)
     pos = _place_balls(rng, radius, active, size)                             # (N, B, 2)
     angle = rng.uniform(0, 2 * np.pi, (num_videos, max_balls))
-    speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * active
-    vel = np.stack([np.cos(angle), np.sin(angle)], -1) * speed[..., None]     # (N, B, 2)
+    ball_speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * speed * active
+    vel = np.stack([np.cos(angle), np.sin(angle)], -1) * ball_speed[..., None]  # (N, B, 2)
     palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
     color = PALETTE[palette_order[:, :max_balls]]                             # (N, B, 3)
     # Equal masses share kinetic energy, so no ball can exceed sqrt(B) times the top speed.
-    substeps = int(np.ceil(SPEED[1] * scale * np.sqrt(max_balls) / MAX_STEP))
+    substeps = int(np.ceil(SPEED[1] * scale * speed * np.sqrt(max_balls) / MAX_STEP))
     pos, vel = _simulate(pos, vel, radius, active, frames, size, substeps)
     videos = _render(pos, radius, color, active, size)
     return videos, dict(pos=pos, vel=vel, radius=radius, color=color, active=active)
@@ -629,12 +637,145 @@ def _render(pos, radius, color, active, size, chunk=64):
     return videos
 
 
-def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, force=False):
-    """The built-in bouncing-balls data set, split 80/10/10, written to `out`."""
+# ---------------------------------------------------------------------------------------
+# synthetic: a bar sweeping over still blocks, where an older frame matters
+# ---------------------------------------------------------------------------------------
+# On bouncing balls the last two frames fix the next one. Here they do not: a grey bar
+# sweeps back and forth over still colored blocks and hides each in turn; the frame in
+# which a hidden block comes back out cannot be told from the two before it (they show
+# only the bar there), and any older frame that showed the block shows it exactly. The
+# bar itself is the visible clock that keeps a long rollout in step.
+# Geometry on a grid of cells CELL px wide: the bar moves one cell per frame, and blocks
+# are one cell wide and sit on the grid, so a block comes out WHOLE in one frame (16-40 px
+# at size 32, not a sliver): a prediction perfect but for leaving the block out scores
+# about 18 dB PSNR on such a frame, so recalling it is worth many dB.
+
+CELL = 4                 # px at size 32
+BAR_CELLS = 3            # bar width: a block stays hidden whole for 3 frames of a pass
+BLOCK_HEIGHT = (4, 10)   # px at size 32
+BAR_GREY = 128
+
+
+def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
+    """Render `num_videos` videos of 1..max_blocks still colored blocks on black, and a grey
+    bar, full height, sweeping over them at one cell per frame and turning back at the sides.
+
+    The property (tested): frame t is a MEMORY FRAME when a block that was hidden whole in
+    frames t-1 and t-2 shows at t, and some frame before t-2 showed it whole. Frames t-1 and
+    t-2 are then pixel for pixel those of the same scene without that block, while frame t
+    is not: the last two frames cannot tell what comes out, one older frame can (blocks
+    never move). The bar is predictable from the last two frames: constant speed, turning
+    points it reaches exactly, and at least one cell of it always in view.
+
+    Returns (videos, state): videos uint8 (N, T, S, S, 3), and state, a dict of
+    bar (N, T) int, the bar's left edge in px (negative while partly off the left side),
+    bar_width and cell (int, px), boxes (N, B, 4) int blocks (x0, y0, x1, y1),
+    color (N, B, 3) uint8, active (N, B) bool (block b of video n exists), memory (N, T)
+    bool; B = max_blocks.
+    """
+    if not 1 <= max_blocks <= len(PALETTE):
+        raise DataError(f"max_blocks {max_blocks} out of range; use 1..{len(PALETTE)}")
+    if size < 16 or frames < 1 or num_videos < 1:
+        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
+                        f"frames {frames}, videos {num_videos}")
+    rng = np.random.default_rng(seed)
+    cell = round(CELL * size / 32)
+    cells = size // cell                                   # block columns
+    active = np.arange(max_blocks) < rng.integers(1, max_blocks + 1, num_videos)[:, None]
+    height = rng.integers(round(BLOCK_HEIGHT[0] * size / 32),
+                          round(BLOCK_HEIGHT[1] * size / 32) + 1, (num_videos, max_blocks))
+    boxes = _place_blocks(rng, height, active, cell, cells, size)
+    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
+    color = PALETTE[palette_order[:, :max_blocks]].astype(np.uint8)
+
+    # The bar's left edge steps one cell a frame between -(BAR_CELLS-1) and cells-1 (in
+    # cells) and back: a triangle wave, so one cell of the bar is always in view and every
+    # block column can be hidden whole.
+    low, high = -(BAR_CELLS - 1), cells - 1
+    period = 2 * (high - low)
+    u = (rng.integers(0, period, num_videos)[:, None] + np.arange(frames)) % period
+    bar = (low + np.where(u <= high - low, u, period - u)) * cell   # (N, T) px
+    width = BAR_CELLS * cell
+
+    columns = np.arange(size)
+    covered = (columns >= bar[..., None]) & (columns < bar[..., None] + width)  # (N, T, S)
+    videos = np.where(covered[:, :, None, :, None], np.uint8(BAR_GREY),
+                      _paint_blocks(boxes, color, active, size)[:, None])
+    memory = _memory_frames(covered, boxes, active)
+    return videos, dict(bar=bar, bar_width=width, cell=cell, boxes=boxes, color=color,
+                        active=active, memory=memory)
+
+
+def _place_blocks(rng, height, active, cell, cells, size, gap=1, tries=1000):
+    """Random boxes (x0, y0, x1, y1): one cell wide on the cell grid, at least `gap` px
+    apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
+    num_videos, max_blocks = height.shape
+    boxes = np.zeros((num_videos, max_blocks, 4), int)
+    for b in range(max_blocks):
+        todo = active[:, b].copy()
+        for _ in range(tries):
+            if not todo.any():
+                break
+            x0 = rng.integers(0, cells, todo.sum()) * cell
+            y0 = rng.integers(0, size - height[todo, b] + 1)
+            boxes[todo, b] = np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
+            low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
+            # a column apart, or in one column and `gap` rows apart
+            apart = (low[..., 0] != boxes[:, :b, 0]) | (
+                (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
+            todo = active[:, b] & (~apart & active[:, :b]).any(1)
+        if todo.any():
+            raise DataError(f"cannot place {max_blocks} blocks apart in {size}x{size} frames; "
+                            f"use a larger size or fewer blocks")
+    return boxes
+
+
+def _paint_blocks(boxes, color, active, size):
+    """The still scene, uint8 (N, S, S, 3): the blocks on black."""
+    scene = np.zeros((len(boxes), size, size, 3), np.uint8)
+    for n, b in zip(*np.nonzero(active)):
+        x0, y0, x1, y1 = boxes[n, b]
+        scene[n, y0:y1, x0:x1] = color[n, b]
+    return scene
+
+
+def _memory_frames(covered, boxes, active):
+    """(N, T) bool: a block hidden whole at t-1 and t-2 shows at t and was seen whole
+    before t-2. The bar spans the full height, so columns decide what is hidden."""
+    columns = np.arange(covered.shape[-1])
+    inside = (columns >= boxes[..., 0, None]) & (columns < boxes[..., 2, None])  # (N, B, S)
+    inside, bar = inside[:, None], covered[:, :, None]          # (N, 1, B, S), (N, T, 1, S)
+    hidden = ~(inside & ~bar).any(-1)                           # (N, T, B) no column shows
+    whole = ~(inside & bar).any(-1)                             # (N, T, B) every column shows
+    seen = np.logical_or.accumulate(whole, axis=1)              # seen whole at or before t
+    memory = np.zeros(hidden.shape, bool)
+    memory[:, 3:] = ~hidden[:, 3:] & hidden[:, 2:-1] & hidden[:, 1:-2] & seen[:, :-3]
+    return (memory & active[:, None]).any(-1)
+
+
+SYNTHETIC_KINDS = ("balls", "occluder")
+
+
+def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, force=False,
+                    kind="balls", speed=1.0):
+    """A built-in synthetic data set, split 80/10/10, written to `out`.
+
+    kind 'balls': `bouncing_balls` (max_balls, speed apply). kind 'occluder':
+    `occluded_blocks`, where an older frame matters; its per-frame memory flags are stored
+    too (read them with `memory_flags`). The root attribute `kind` records which.
+    """
+    if kind not in SYNTHETIC_KINDS:
+        raise DataError(f"unknown --kind {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
     if Path(out).exists() and not force:  # fail before generating
         raise DataError(f"{out} already exists; pass --force to overwrite it")
-    clips, _ = bouncing_balls(videos, frames, size, seed, max_balls)
-    write_videos(out, _synthetic_splits(clips), force)
+    if kind == "balls":
+        clips, _ = bouncing_balls(videos, frames, size, seed, max_balls, speed)
+        write_videos(out, _synthetic_splits(clips), force,
+                     attrs={"kind": kind, "seed": seed, "speed": speed})
+    else:
+        clips, state = occluded_blocks(videos, frames, size, seed)
+        write_videos(out, _synthetic_splits(clips), force, attrs={"kind": kind, "seed": seed},
+                     memory=_synthetic_splits(state["memory"]))
 
 
 def _synthetic_splits(videos):
@@ -731,16 +872,30 @@ def _parser():
     _flag(p, "image_size", type=int, help="resize frames to this side (default: keep)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
-    p = commands.add_parser("synthetic", help="bouncing balls -> HDF5",
-                            description="Colored balls bouncing elastically off the walls and "
-                            "each other, anti-aliased, on black. Split 80/10/10 into train/val/"
-                            "test in video order (each at least 1 video). Deterministic per seed.")
+    p = commands.add_parser(
+        "synthetic", help="bouncing balls, or an occluder over still blocks -> HDF5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""A built-in synthetic data set, 32x32 RGB by default.
+
+--kind balls (default): 1..max_balls colored balls bouncing elastically off the walls and
+    each other, anti-aliased, on black. The last two frames determine the next one.
+--kind occluder: a grey bar sweeps back and forth over 1-3 still colored blocks on black,
+    hiding each in turn. When a block comes back out, the two frames before showed only
+    the bar there: one OLDER frame tells what appears (a memory frame). About 1 frame in 6
+    is a memory frame; the file flags them per frame (/memory/<split>/<video>, read with
+    data_prep.memory_flags; `info` counts them).
+
+Split 80/10/10 into train/val/test in video order (each at least 1 video). Deterministic per
+seed.""")
     _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "kind", default="balls", choices=SYNTHETIC_KINDS, help="balls (default) or occluder")
     _flag(p, "videos", type=int, default=1000, help="number of videos (default 1000)")
     _flag(p, "frames", type=int, default=32, help="frames per video (default 32)")
     _flag(p, "size", type=int, default=32, help="frame side in pixels (default 32)")
     _flag(p, "seed", type=int, default=0, help="random seed (default 0)")
-    _flag(p, "max_balls", type=int, default=3, help="1..max_balls balls per video (default 3)")
+    _flag(p, "max_balls", type=int, help="balls: 1..max_balls balls per video (default 3)")
+    _flag(p, "speed", type=float, metavar="F", help="balls: speed factor (default 1.0; e.g. "
+          "0.25 for slowly changing videos)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
     p = commands.add_parser("info", help="describe a video file",
@@ -760,8 +915,12 @@ def main(argv=None):
             convert_npy(args.input, args.out, args.layout, args.split, args.val_frac,
                         args.test_frac, args.image_size, args.force)
         elif args.command == "synthetic":
+            if args.kind != "balls" and (args.max_balls is not None or args.speed is not None):
+                raise DataError(f"--max_balls and --speed apply to --kind balls only; drop them "
+                                f"for --kind {args.kind}")
             write_synthetic(args.out, args.videos, args.frames, args.size, args.seed,
-                            args.max_balls, args.force)
+                            args.max_balls or 3, args.force, args.kind,
+                            1.0 if args.speed is None else args.speed)
         else:
             info(args.path)
     except DataError as e:

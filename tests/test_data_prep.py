@@ -1,5 +1,6 @@
 """Tests of data_prep: round trips through every writer, the plain official layout, the
-bouncing-balls physics, and one DataError per kind of bad input."""
+bouncing-balls physics, the occluder's memory property, and one DataError per kind of bad
+input."""
 
 import multiprocessing
 import pickle
@@ -368,6 +369,115 @@ def test_crash_mid_write_leaves_nothing(tmp_path, rng):
     assert list(tmp_path.iterdir()) == []
 
 
+# ---------------------------------------------------------------------------------------
+# Synthetic occluder: where one older frame, not the last two, tells what comes next
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def occluder():
+    return data_prep.occluded_blocks(300, 32, 32, seed=3)
+
+
+def test_occluder_deterministic_and_looks(occluder):
+    videos, state = occluder
+    assert videos.shape == (300, 32, 32, 32, 3) and videos.dtype == np.uint8
+    again, _ = data_prep.occluded_blocks(300, 32, 32, seed=3)
+    assert again.tobytes() == videos.tobytes()
+    other, _ = data_prep.occluded_blocks(300, 32, 32, seed=4)
+    assert other.tobytes() != videos.tobytes()
+    assert set(state["active"].sum(1)) == {1, 2, 3}
+    assert (videos == data_prep.BAR_GREY).all(-1).any(axis=(2, 3)).all()  # the bar: every frame
+    memory = state["memory"]
+    assert not memory[:, :3].any()        # a memory frame needs three frames before it
+    assert 0.1 < memory.mean() < 0.3      # about one frame in six
+    assert memory.any(1).mean() > 0.9
+
+
+def test_occluder_bar_follows_from_the_last_two_frames(occluder):
+    videos, state = occluder
+    bar, width, cell = state["bar"], state["bar_width"], state["cell"]
+    # the next position is a function of the last two: one answer for every pair seen
+    following = {}
+    for before, now, after in zip(bar[:, :-2].ravel(), bar[:, 1:-1].ravel(), bar[:, 2:].ravel()):
+        assert following.setdefault((before, now), after) == after
+    assert (np.abs(np.diff(bar, axis=1)) == cell).all()  # one cell a frame, always moving
+    # at least one cell of it is always in view, and the grey columns are the bar
+    grey = (videos == data_prep.BAR_GREY).all(-1).all(2)                    # (N, T, S)
+    columns = np.arange(32)
+    assert (grey == ((columns >= bar[..., None]) & (columns < bar[..., None] + width))).all()
+    assert grey.sum(-1).min() >= cell
+
+
+def test_occluder_memory_frames_need_an_older_frame(occluder):
+    """At a memory frame t, the video and the same scene without the block that comes out
+    have the SAME two frames before t and DIFFERENT frames t; an older frame tells them
+    apart, and shows exactly what comes out."""
+    videos, state = occluder
+    flagged = list(zip(*np.nonzero(state["memory"])))
+    assert len(flagged) > 100
+    for n, t in flagged[:60]:
+        blocks = 0
+        for b in np.nonzero(state["active"][n])[0]:
+            alt = _without(state, n, b)
+            if not np.array_equal(alt[t - 2:t], videos[n, t - 2:t]) or np.array_equal(
+                    alt[t], videos[n, t]):
+                continue  # block b is in view before t, or stays hidden at t
+            blocks += 1
+            x0, y0, x1, y1 = state["boxes"][n, b]
+            region = videos[n, :t + 1, y0:y1, x0:x1]
+            assert (region[t] == state["color"][n, b]).all()  # it comes out whole
+            assert not np.array_equal(region[t], region[t - 1])
+            assert not np.array_equal(region[t], region[t - 2])
+            assert any(np.array_equal(region[s], region[t]) for s in range(t - 2))
+        assert blocks, f"video {n} frame {t} is flagged, but no hidden block comes out"
+
+
+def _without(state, n, b):
+    """Video n re-rendered without block b, from the generator's state."""
+    active = state["active"][n:n + 1].copy()
+    active[0, b] = False
+    scene = data_prep._paint_blocks(state["boxes"][n:n + 1], state["color"][n:n + 1], active, 32)
+    columns = np.arange(32)
+    bar = state["bar"][n, :, None]
+    covered = (columns >= bar) & (columns < bar + state["bar_width"])
+    return np.where(covered[:, None, :, None], np.uint8(data_prep.BAR_GREY), scene)
+
+
+def test_occluder_unflagged_reveals_are_not_blocks(occluder):
+    """The flags are complete: a block pixel that shows at t after two frames hidden lies
+    in a flagged frame (or in a block never seen whole before)."""
+    videos, state = occluder
+    block = (videos != 0).any(-1) & ~(videos == data_prep.BAR_GREY).all(-1)  # (N, T, H, W)
+    hidden = (videos == data_prep.BAR_GREY).all(-1)
+    back = block[:, 3:] & hidden[:, 2:-1] & hidden[:, 1:-2]      # came out from the bar
+    seen = np.logical_or.accumulate(block, axis=1)[:, :-3]       # seen before t-2
+    assert ((back & seen).any(axis=(2, 3)) <= state["memory"][:, 3:]).all()
+
+
+def test_occluder_file_flags_and_readers(tmp_path, capsys):
+    out = tmp_path / "occ.h5"
+    assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--videos", "20",
+                 "--frames", "12"]) == 0
+    _, state = data_prep.occluded_blocks(20, 12, 32, seed=0)
+    assert splits_in(out) == ["train", "val", "test"]  # /memory is not a split
+    want = {"train": state["memory"][:16], "val": state["memory"][16:18],
+            "test": state["memory"][18:]}
+    for split, flags in want.items():
+        got = data_prep.memory_flags(out, split)
+        assert len(got) == len(VideoStore(out, split)) == len(flags)
+        for g, w in zip(got, flags):
+            assert g.dtype == bool
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(DataError, match="split 'memory' not in file"):
+        VideoStore(out, "memory")
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kind=occluder" in text
+    total = int(state["memory"][:16].sum())
+    assert f"memory frames (an older frame needed): train {total} of {16 * 12}" in text
+
+
 def test_memory_flags_written_checked_and_read(tmp_path, small_h5, rng, capsys):
     path, _ = small_h5
     with pytest.raises(DataError, match="has no memory flags; only .*--kind occluder"):
@@ -398,3 +508,25 @@ def test_memory_flags_written_checked_and_read(tmp_path, small_h5, rng, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "data: kind=test" in text and "train 2 of 6 (33.3%)" in text
+
+
+def test_balls_speed_factor(tmp_path, capsys):
+    fast, fast_state = data_prep.bouncing_balls(50, 10, 32, seed=5)
+    slow, slow_state = data_prep.bouncing_balls(50, 10, 32, seed=5, speed=0.25)
+    np.testing.assert_allclose(slow_state["vel"][:, 0], fast_state["vel"][:, 0] * 0.25)
+    np.testing.assert_array_equal(slow_state["pos"][:, 0], fast_state["pos"][:, 0])
+    step = lambda v: np.abs(np.diff(v.astype(np.int16), axis=1)).mean()  # noqa: E731
+    assert step(slow) < 0.5 * step(fast)
+    out = tmp_path / "slow.h5"
+    assert main(["synthetic", "--out", str(out), "--videos", "5", "--frames", "4",
+                 "--speed", "0.25"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "kind=balls" in capsys.readouterr().out
+    with h5py.File(out) as f:
+        assert f.attrs["speed"] == 0.25
+    assert main(["synthetic", "--out", str(out), "--speed", "0", "--force"]) == 2
+    assert "--speed 0.0 out of range" in capsys.readouterr().err
+    assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--speed", "0.5",
+                 "--force"]) == 2
+    assert "apply to --kind balls only" in capsys.readouterr().err
