@@ -1,10 +1,14 @@
 """data_prep: make and read the HDF5 video files that river trains on.
 
-One command line with four subcommands (each has --help):
+One command line with five subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
+    videos     video files (.mp4 .avi .mkv .webm .mov .gif), split by folder/name/fraction -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
     synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
+
+From Python: VideoStore (read one split), splits_in, memory_flags, read_clip (one clip to
+predict from: a frame folder, a .npy array or a video file), write_videos.
 
 Layout written (the official RIVER layout, one copy per split, all splits in ONE file):
     /train/len/0, /train/len/1, ...    scalar int: number of frames of video 0, 1, ...
@@ -12,7 +16,7 @@ Layout written (the official RIVER layout, one copy per split, all splits in ONE
     /val/...  /test/...                the same layout for the other splits (those that exist)
     /memory/train/0, ...               optional: bool (T,) per video, frames where an older
                                        frame is needed (synthetic --kind occluder)
-    root attributes                    optional: kind ('balls', 'occluder', ...), seed, ...
+    root attributes                    optional: kind ('balls', 'videos', ...), seed, ...
 Readers find splits as the top-level groups holding `len`, so they skip /memory.
 
 Layout also read: the plain official layout (`len` and the video groups at the top level,
@@ -510,6 +514,303 @@ def _fraction_splits(count, split, val_frac, test_frac, load):
 
 
 # ---------------------------------------------------------------------------------------
+# videos: video files (.mp4, .avi, ...) -> HDF5, and read_clip for one clip to predict from
+# ---------------------------------------------------------------------------------------
+# Decoding uses PyAV: its wheels bundle FFmpeg, so every container and codec here (KTH's
+# .avi, CLEVRER's .mp4, phones' H.264/HEVC .mov) decodes with one pip install and no system
+# FFmpeg; imageio's video plugins wrap PyAV or an ffmpeg binary anyway, and opencv is a far
+# larger wheel whose decoding depends on how it was built.
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class _BadVideo(DataError):
+    """A video file that cannot be decoded (`videos --skip-bad` skips these)."""
+
+
+def _av():
+    """The PyAV module, or a DataError naming the extra that installs it."""
+    try:
+        import av
+    except ImportError:
+        raise DataError('reading video files needs PyAV, which is not installed: run '
+                        'pip install -e ".[video]" (or pip install av)') from None
+    return av
+
+
+def _upright(frame):
+    """A decoded frame as a PIL RGB image the way players show it: phones store portrait
+    video as landscape frames plus a display rotation, which decoders do not apply."""
+    from PIL import Image
+
+    image = frame.to_image()
+    # `rotation`: degrees counterclockwise, e.g. -90 for a phone held upright
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(round(getattr(frame, "rotation", 0)) % 360)
+    return image.transpose(turn) if turn is not None else image
+
+
+def _decode(path, size, every=1, max_frames=None, mode="RGB"):
+    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each fitted by
+    `_fit`, as uint8 (T, size, size, 3), or (T, size, size) for mode 'L'."""
+    av = _av()
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            if streams:
+                streams[0].thread_type = "AUTO"  # frame- and slice-threaded decoding
+                for t, frame in enumerate(container.decode(streams[0])):
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break  # the rest of a long video is not needed: stop decoding
+                    if t % every == 0:
+                        frames.append(_fit(_upright(frame), size, mode))
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's text, without the path
+        raise _BadVideo(f"cannot decode {path} ({reason}); the file is damaged or not a video: "
+                        f"re-encode or remove it") from None
+    if not streams:
+        raise _BadVideo(f"{path} has no video stream; remove it or pass a video file")
+    if not frames:
+        raise _BadVideo(f"{path} decodes to no frames; re-encode or remove it")
+    return np.stack(frames)
+
+
+def _natural_path_key(path, root):
+    """Natural order of paths below `root`, folder by folder."""
+    return [_natural_key(Path(part)) for part in path.relative_to(root).parts]
+
+
+def _video_files(folder):
+    """Video files anywhere below `folder`, in natural path order. Hidden files are left
+    out: macOS writes `._name.mp4` companions that are not videos."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+             and p.is_file() and not any(part.startswith(".") for part in
+                                         p.relative_to(folder).parts)]
+    return sorted(files, key=lambda p: _natural_path_key(p, folder))
+
+
+def _group_matcher(text, flag):
+    """A predicate on group ids from '17-25' / '1,3,5-7' / 'alice,bob': integer ranges and
+    single ids; ids compare as integers when both sides are integers ('01' is 1)."""
+    ranges, names = [], set()
+    for item in (part.strip() for part in text.split(",")):
+        bounds = re.fullmatch(r"(\d+)-(\d+)", item)
+        if bounds:
+            low, high = int(bounds[1]), int(bounds[2])
+            if low > high:
+                raise DataError(f"--{flag} {text}: range {item} is empty; write low-high")
+            ranges.append((low, high))
+        elif item:
+            names.add(item)
+        else:
+            raise DataError(f"--{flag} '{text}' has an empty item; write e.g. 17-25 or 1,3,5-7")
+    numbers = {int(n) for n in names if n.isdecimal()}
+
+    def matches(group):
+        if group.isdecimal():
+            return int(group) in numbers or any(a <= int(group) <= b for a, b in ranges)
+        return group in names
+    return matches
+
+
+def _groups_text(groups):
+    """Group ids for a message: sorted, integers numerically, at most 20."""
+    ordered = sorted(groups, key=lambda g: (not g.isdecimal(), int(g) if g.isdecimal() else 0,
+                                            g))
+    return ", ".join(ordered[:20]) + (", ..." if len(ordered) > 20 else "")
+
+
+def _split_by_regex(files, regex, val_groups, test_groups):
+    """{split: files}: group 1 of `regex` searched in each file NAME is the file's group id;
+    files whose group is in test_groups go to test, in val_groups to val, others to train."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise DataError(f"--split_by {regex!r} is not a valid regular expression ({e})") from None
+    if pattern.groups < 1:
+        raise DataError(f"--split_by {regex!r} has no capturing group; put the group id in "
+                        r"parentheses, e.g. 'person(\d+)'")
+    if not (val_groups or test_groups):
+        raise DataError("--split_by needs --test_groups and/or --val_groups naming the groups "
+                        "that leave train, e.g. --test_groups 17-25")
+    in_test = _group_matcher(test_groups, "test_groups") if test_groups else lambda g: False
+    in_val = _group_matcher(val_groups, "val_groups") if val_groups else lambda g: False
+    splits, seen = {"train": [], "val": [], "test": []}, set()
+    for file in files:
+        match = pattern.search(file.name)
+        if match is None or match.group(1) is None:
+            raise DataError(f"file name {file.name} does not match --split_by {regex!r}; fix "
+                            f"the expression or move the file out of the folder")
+        group = match.group(1)
+        seen.add(group)
+        if in_test(group) and in_val(group):
+            raise DataError(f"group {group} is in both --val_groups and --test_groups; "
+                            f"give each group one split")
+        splits["test" if in_test(group) else "val" if in_val(group) else "train"].append(file)
+    for name, given in (("test", test_groups), ("val", val_groups), ("train", True)):
+        if given and not splits[name]:
+            raise DataError(f"no file falls in {name} (groups found: {_groups_text(seen)}); "
+                            f"check --split_by, --val_groups and --test_groups")
+    return {name: videos for name, videos in splits.items() if videos}
+
+
+def _split_by_fraction(files, root, val_frac, test_frac):
+    """{split: files}: `val_frac` / `test_frac` of the files go to val / test, chosen by a
+    hash of each file's path below `root`. Deterministic on any machine, and it mixes
+    subfolders (the last files by name would all come from one folder). Each split keeps
+    natural name order."""
+    import hashlib
+
+    n_val, n_test = _fraction_counts(len(files), val_frac, test_frac)
+    ranked = sorted(files, key=lambda p: hashlib.sha1(
+        p.relative_to(root).as_posix().encode()).hexdigest())
+    held = {"val": set(ranked[:n_val]), "test": set(ranked[n_val:n_val + n_test])}
+    splits = {"train": [p for p in files if p not in held["val"] and p not in held["test"]],
+              "val": [p for p in files if p in held["val"]],
+              "test": [p for p in files if p in held["test"]]}
+    return {name: videos for name, videos in splits.items() if videos}
+
+
+class _VideoFiles:
+    """One split's video files, decoded as the writer reaches them (the writer's progress
+    bar counts files). With skip_bad, a file that fails to decode is left out and recorded
+    in `skipped`; otherwise its error stops the conversion."""
+
+    def __init__(self, name, files, load, skip_bad, skipped):
+        self.name, self.files, self.load = name, files, load
+        self.skip_bad, self.skipped = skip_bad, skipped
+
+    def __len__(self):
+        return len(self.files)
+
+    def __iter__(self):
+        written = 0
+        for file in self.files:
+            try:
+                video = self.load(file)
+            except _BadVideo as e:
+                if not self.skip_bad:
+                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
+                self.skipped.append(str(file))
+                continue
+            written += 1
+            yield video
+        if not written:
+            raise DataError(f"none of the {len(self.files)} files of split '{self.name}' could "
+                            f"be decoded; check the files")
+
+
+def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
+                   test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
+                   skip_bad=False, force=False, progress=True):
+    """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
+    [skipped files]).
+
+    Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
+    folder (searched recursively) by `split_by` (a regex on file names, see
+    `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
+    neither, everything goes to train. Every `every`-th frame is kept, at most
+    `max_frames` per video, each resized by the rule of `_fit`.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
+    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
+        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
+                        f"{every}, {max_frames} and {image_size}")
+    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
+    if split_dirs:
+        if split_by or val_groups or test_groups or val_frac or test_frac:
+            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
+                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
+        files = {s: _video_files(data_dir / s) for s in split_dirs}
+        for split, found in files.items():
+            if not found:
+                raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in "
+                                f"{data_dir / split}; add videos or remove the folder")
+    else:
+        found = _video_files(data_dir)
+        if not found:
+            raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {data_dir} or "
+                            f"its subfolders; pass the folder that holds the videos")
+        if split_by:
+            if val_frac or test_frac:
+                raise DataError("--split_by and --val_frac/--test_frac both split the files; "
+                                "pass one of them")
+            files = _split_by_regex(found, split_by, val_groups, test_groups)
+        elif val_groups or test_groups:
+            raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
+                            "file's group")
+        else:
+            files = _split_by_fraction(found, data_dir, val_frac, test_frac)
+    _av()  # fail now, not at the first file, when PyAV is missing
+
+    skipped = []
+    splits = {name: _VideoFiles(name, group, lambda p: _decode(p, image_size, every, max_frames),
+                                skip_bad, skipped)
+              for name, group in files.items()}
+    write_videos(out, splits, force, progress, attrs={"kind": "videos"})
+    counts = {name: len(group) - sum(str(p) in skipped for p in group)
+              for name, group in files.items()}
+    return counts, skipped
+
+
+def read_clip(path, image_size, channels=3):
+    """ONE clip to predict from -> uint8 (T, image_size, image_size, channels).
+
+    `path`: a folder of frame images (taken in natural name order: 2.png before 10.png),
+    a .npy array (T, H, W) or (T, H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1],
+    or a video file (.mp4, .avi, .mkv, .webm, .mov, .gif; needs PyAV). Frames are resized
+    by the same rule as the `frames`, `npy` and `videos` subcommands (`_fit`), so a clip
+    looks like the training data. channels: 3 (RGB) or 1 (grayscale).
+    """
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise DataError(f"image size must be at least 1, got {image_size}")
+    path, mode = Path(path), "RGB" if channels == 3 else "L"
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and not p.name.startswith(".")), key=_natural_key)
+        if not files:
+            raise DataError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"pass a folder of frames, a .npy file or a video file")
+        frames = np.stack([_load_image(p, image_size, mode) for p in files])
+    elif not path.exists():
+        raise DataError(f"{path} does not exist; pass a folder of frames, a .npy file or a "
+                        f"video file")
+    elif path.suffix.lower() == ".npy":
+        frames = _npy_clip(path, image_size, mode)
+    elif path.suffix.lower() in VIDEO_EXTENSIONS:
+        frames = _decode(path, image_size, mode=mode)
+    else:
+        raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
+                        f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
+    return frames.reshape(*frames.shape[:3], channels)
+
+
+def _npy_clip(path, size, mode):
+    """A .npy clip (T, H, W[, C]) -> frames fitted by `_fit`, (T, size, size[, 3])."""
+    from PIL import Image
+
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not len(array):
+        raise DataError(f"{path} has shape {array.shape}; a clip is (T, H, W) or (T, H, W, C) "
+                        f"with C = 1, 3 or 4 and T >= 1")
+    array = _uint8_converter(array)(array)
+    gray = array.shape[-1] == 1
+    return np.stack([_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, mode)
+                     for f in array])
+
+
+# ---------------------------------------------------------------------------------------
 # synthetic: bouncing balls
 # ---------------------------------------------------------------------------------------
 # Balls move at constant velocity between collisions, so two past frames fix the future
@@ -856,6 +1157,45 @@ def _parser():
     _flag(p, "extension", default="png", help="image file extension (default png)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
+    p = commands.add_parser(
+        "videos", help="video files (.mp4 .avi .mkv .webm .mov .gif) -> HDF5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
+
+Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
+Frames: every --every-th frame from the first, at most --max_frames per video; each frame is
+resized to image_size x image_size RGB as in the `frames` subcommand (LANCZOS, the whole frame:
+no crop, aspect ratio not kept); a phone's display rotation is applied first.
+
+Splits, one of:
+  DIR/train/, DIR/val/, DIR/test/ folders    each folder's videos form that split
+  --split_by REGEX --test_groups G [--val_groups G]
+                  group 1 of REGEX, searched in each FILE NAME, is the file's group id;
+                  groups in --test_groups go to test, in --val_groups to val, all others to
+                  train. G: ids and ranges, e.g. 17-25 or 1,3,5-7 or alice,bob (ids compare
+                  as integers, so 01 = 1). A file name that does not match is an error.
+                  KTH's split by person (1-16 train, 17-25 test):
+                    --split_by 'person(\\d+)_' --test_groups 17-25
+  --val_frac F --test_frac F
+                  that fraction of the files, picked by a hash of each file's path below DIR
+                  (deterministic, mixes subfolders), goes to val / test
+  none of these   every video goes to train
+
+A file that cannot be decoded stops the conversion with its name (nothing is written), or is
+skipped and counted with --skip-bad. The output is written atomically.""")
+    _flag(p, "data_dir", required=True, help="folder holding the videos (searched recursively)")
+    _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
+    _flag(p, "every", type=int, default=1, metavar="K", help="keep every K-th frame (default 1)")
+    _flag(p, "max_frames", type=int, metavar="N", help="at most N frames per video (default all)")
+    _flag(p, "split_by", metavar="REGEX", help="regex whose group 1 is a file's group id")
+    _flag(p, "test_groups", metavar="G", help="group ids for test, e.g. 17-25")
+    _flag(p, "val_groups", metavar="G", help="group ids for val, e.g. 15,16")
+    _flag(p, "val_frac", type=float, default=0.0, help="fraction of files for val (default 0)")
+    _flag(p, "test_frac", type=float, default=0.0, help="fraction for test (default 0)")
+    _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
     p = commands.add_parser("npy", help="one .npy array of videos -> HDF5",
                             description="Convert an array of videos to HDF5. uint8 is kept; "
                             "float must lie in [0, 1] and is scaled to 0..255. Grayscale (no C "
@@ -911,6 +1251,16 @@ def main(argv=None):
     try:
         if args.command == "frames":
             convert_frames(args.data_dir, args.out, args.image_size, args.extension, args.force)
+        elif args.command == "videos":
+            counts, skipped = convert_videos(
+                args.data_dir, args.out, args.image_size, args.every, args.max_frames,
+                args.val_frac, args.test_frac, args.split_by, args.val_groups,
+                args.test_groups, args.skip_bad, args.force)
+            print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                  + " videos")
+            if skipped:
+                print(f"skipped {len(skipped)} file(s) that could not be decoded: "
+                      + ", ".join(skipped), file=sys.stderr)
         elif args.command == "npy":
             convert_npy(args.input, args.out, args.layout, args.split, args.val_frac,
                         args.test_frac, args.image_size, args.force)
