@@ -1,15 +1,23 @@
 """data_prep: make and read the HDF5 video files that river trains on.
 
-One command line with four subcommands (each has --help):
+One command line with five subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
+    videos     video files (.mp4 .avi .mkv .webm .mov .gif), split by folder/name/fraction -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
-    synthetic  colored balls bouncing off the walls and off each other                    -> HDF5
+    synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
+
+From Python: VideoStore (read one split), splits_in, memory_flags, read_clip (one clip to
+predict from: a frame folder, a .npy array or a video file), write_videos.
 
 Layout written (the official RIVER layout, one copy per split, all splits in ONE file):
     /train/len/0, /train/len/1, ...    scalar int: number of frames of video 0, 1, ...
     /train/0/0, /train/0/1, ...        uint8 (H, W, C) frames of video 0, lzf-compressed
     /val/...  /test/...                the same layout for the other splits (those that exist)
+    /memory/train/0, ...               optional: bool (T,) per video, frames where an older
+                                       frame is needed (synthetic --kind occluder)
+    root attributes                    optional: kind ('balls', 'videos', ...), seed, ...
+Readers find splits as the top-level groups holding `len`, so they skip /memory.
 
 Layout also read: the plain official layout (`len` and the video groups at the top level,
 no split groups), as one file or as a directory of *.h5/*.hdf5 shards, each shard numbering
@@ -18,6 +26,7 @@ returned whatever split is asked for (train and test are then the SAME videos) a
 `splits_in` reports it as ['plain'].
 
 Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
+Resizing: every reader resizes the whole frame to a square with LANCZOS, no crop (`_fit`).
 Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
 This module owns the format; it never imports river.py (river.py imports it).
 """
@@ -35,6 +44,7 @@ from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 PLAIN = "plain"  # what splits_in reports for a file in the plain (split-less) layout
+MEMORY = "memory"  # top-level group of per-frame flags; it has no `len`, so readers skip it
 
 
 class DataError(ValueError):
@@ -45,12 +55,15 @@ class DataError(ValueError):
 # Writing
 # ---------------------------------------------------------------------------------------
 
-def write_videos(out, splits, force=False, progress=True):
+def write_videos(out, splits, force=False, progress=True, attrs=None, memory=None):
     """Write {split name: iterable of uint8 (T, H, W, C) videos} to the HDF5 file `out`.
 
     Atomic: the file is built as `out.tmp-<pid>` in the same directory and renamed onto
     `out` only when complete; on any exception the temporary file is removed. Videos are
     consumed lazily, so a generator keeps memory at one video.
+    `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info` shows them).
+    `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
+    /memory/<split>/<i> (see `memory_flags`); each must match its video's length.
     """
     out = Path(out)
     if not splits:
@@ -65,12 +78,32 @@ def write_videos(out, splits, force=False, progress=True):
     try:
         # the 1.10 file format stores a small dataset in ~1/5 of the bytes of the 1.8 default
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs.update(attrs or {})
             for name, videos in splits.items():
                 _write_split(f.create_group(name), name, videos, progress)
+            for name, flags in (memory or {}).items():
+                _write_memory(f, name, flags)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_memory(f, split, flags):
+    """Per-frame flags of one split as /memory/<split>/<i>, checked against the videos."""
+    if split not in f:
+        raise DataError(f"memory flags given for split '{split}', which has no videos")
+    lengths = f[split]["len"]
+    if len(flags) != len(lengths):
+        raise DataError(f"split '{split}' has {len(lengths)} videos but {len(flags)} memory "
+                        f"flag arrays; pass one per video")
+    group = f.require_group(MEMORY).create_group(split)
+    for i, flag in enumerate(flags):
+        flag = np.asarray(flag, bool)
+        if flag.shape != (int(lengths[str(i)][()]),):
+            raise DataError(f"split '{split}' video {i}: memory flags of shape {flag.shape} "
+                            f"for {int(lengths[str(i)][()])} frames; pass one flag per frame")
+        group.create_dataset(str(i), data=flag)
 
 
 def _write_split(group, name, videos, progress):
@@ -142,7 +175,11 @@ def _open(path):
 
 def _split_names(f):
     """Top-level groups of `f` that hold a `len` group, official split names first."""
-    names = [k for k in f if isinstance(f[k], h5py.Group) and "len" in f[k]]
+    return _ordered(k for k in f if isinstance(f[k], h5py.Group) and "len" in f[k])
+
+
+def _ordered(names):
+    """Split names in the order train, val, test, then any others by name."""
     return sorted(names, key=lambda k: (SPLITS.index(k) if k in SPLITS else len(SPLITS), k))
 
 
@@ -150,9 +187,9 @@ def _split_group(f, path, split):
     """The group holding `split` in file `f`; for the plain layout, the file itself."""
     if "len" in f:
         return f
-    if isinstance(f.get(split), h5py.Group):
-        return f[split]
     have = _split_names(f)
+    if split in have:
+        return f[split]
     if have:
         raise DataError(f"{path}: split '{split}' not in file; it has: {', '.join(have)}; "
                         f"ask for one of those")
@@ -299,6 +336,23 @@ def _common_shape(shapes, path, split):
     return first
 
 
+def memory_flags(path, split="train"):
+    """Per-frame memory flags of one split: a list with one bool (T,) array per video, in
+    video order. True marks a frame whose content the last two frames do not determine and
+    one older frame does (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
+    path0 = _shard_paths(path)[0]
+    with _open(path0) as f:
+        group = f.get(MEMORY)
+        if not isinstance(group, h5py.Group):
+            raise DataError(f"{path0} has no memory flags; only `data_prep.py synthetic --kind "
+                            f"occluder` writes them")
+        if split not in group:
+            raise DataError(f"{path0}: no memory flags for split '{split}'; it has them for: "
+                            f"{', '.join(group)}")
+        flags = group[split]
+        return [flags[str(i)][()].astype(bool) for i in range(len(flags))]
+
+
 # ---------------------------------------------------------------------------------------
 # frames: folders of images -> HDF5
 # ---------------------------------------------------------------------------------------
@@ -308,16 +362,28 @@ def _natural_key(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _load_image(path, size):
-    """One image file as uint8 (size, size, 3) RGB."""
+def _fit(image, size, mode="RGB"):
+    """The one resize rule of every reader (frames, npy, videos, read_clip): a PIL image
+    -> uint8 (size, size) array in `mode` ('RGB' or 'L'). The WHOLE frame is resized to a
+    square, as the official converter does: no crop, so the aspect ratio is not kept."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            # LANCZOS low-passes before subsampling, so downsizing does not alias
-            image = image.resize((size, size), Image.LANCZOS)
-        return np.asarray(image, dtype=np.uint8)
+    image = image.convert(mode)  # first: palette and 16-bit images must not be resampled raw
+    if image.size != (size, size):
+        # LANCZOS low-passes before subsampling, so downsizing does not alias
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _load_image(path, size, mode="RGB"):
+    """One image file as uint8 (size, size, 3) RGB, or (size, size) for mode 'L'."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return _fit(image, size, mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
 
 def _load_video(folder, extension, size):
@@ -382,14 +448,14 @@ def _uint8_converter(array):
 
 
 def _resize_video(video, size):
-    """uint8 (T, H, W, C) -> (T, size, size, C) with Pillow."""
+    """uint8 (T, H, W, C), C = 1 or 3 -> (T, size, size, C) by the rule of `_fit`."""
     from PIL import Image
 
     if video.shape[1:3] == (size, size):
         return video
-    mode = "L" if video.shape[-1] == 1 else "RGB"
-    frames = [np.asarray(Image.fromarray(f.squeeze(-1) if mode == "L" else f, mode)
-                         .resize((size, size), Image.LANCZOS)) for f in video]
+    gray = video.shape[-1] == 1
+    frames = [_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, "L" if gray else "RGB")
+              for f in video]
     return np.stack(frames).reshape(len(video), size, size, -1)
 
 
@@ -423,18 +489,325 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
                  force, progress)
 
 
-def _fraction_splits(count, split, val_frac, test_frac, load):
-    """{name: lazy videos}: the last val_frac + test_frac of `count` videos go to val, test."""
+def _fraction_counts(count, val_frac, test_frac):
+    """(n_val, n_test) for `count` videos; every split asked for gets at least one."""
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(f"--val_frac {val_frac} and --test_frac {test_frac} must lie in [0, 1) "
+                        f"and sum to less than 1")
     n_val, n_test = round(count * val_frac), round(count * test_frac)
     n_main = count - n_val - n_test
     if n_main < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
         raise DataError(f"{count} videos cannot be split with --val_frac {val_frac} and "
                         f"--test_frac {test_frac}; every split needs at least one video")
+    return n_val, n_test
+
+
+def _fraction_splits(count, split, val_frac, test_frac, load):
+    """{name: lazy videos}: the last val_frac + test_frac of `count` videos go to val, test."""
+    n_val, n_test = _fraction_counts(count, val_frac, test_frac)
+    n_main = count - n_val - n_test
     if (split == "val" and n_val) or (split == "test" and n_test):
         raise DataError(f"--split {split} clashes with --{split}_frac; pick another --split")
     bounds = [(split, 0, n_main), ("val", n_main, n_main + n_val),
               ("test", n_main + n_val, count)]
     return {name: _LazyVideos(range(a, b), load) for name, a, b in bounds if b > a}
+
+
+# ---------------------------------------------------------------------------------------
+# videos: video files (.mp4, .avi, ...) -> HDF5, and read_clip for one clip to predict from
+# ---------------------------------------------------------------------------------------
+# Decoding uses PyAV: its wheels bundle FFmpeg, so every container and codec here (KTH's
+# .avi, CLEVRER's .mp4, phones' H.264/HEVC .mov) decodes with one pip install and no system
+# FFmpeg; imageio's video plugins wrap PyAV or an ffmpeg binary anyway, and opencv is a far
+# larger wheel whose decoding depends on how it was built.
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class _BadVideo(DataError):
+    """A video file that cannot be decoded (`videos --skip-bad` skips these)."""
+
+
+def _av():
+    """The PyAV module, or a DataError naming the extra that installs it."""
+    try:
+        import av
+    except ImportError:
+        raise DataError('reading video files needs PyAV, which is not installed: run '
+                        'pip install -e ".[video]" (or pip install av)') from None
+    return av
+
+
+def _upright(frame):
+    """A decoded frame as a PIL RGB image the way players show it: phones store portrait
+    video as landscape frames plus a display rotation, which decoders do not apply."""
+    from PIL import Image
+
+    image = frame.to_image()
+    # `rotation`: degrees counterclockwise, e.g. -90 for a phone held upright
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(round(getattr(frame, "rotation", 0)) % 360)
+    return image.transpose(turn) if turn is not None else image
+
+
+def _decode(path, size, every=1, max_frames=None, mode="RGB"):
+    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each fitted by
+    `_fit`, as uint8 (T, size, size, 3), or (T, size, size) for mode 'L'."""
+    av = _av()
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            if streams:
+                streams[0].thread_type = "AUTO"  # frame- and slice-threaded decoding
+                for t, frame in enumerate(container.decode(streams[0])):
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break  # the rest of a long video is not needed: stop decoding
+                    if t % every == 0:
+                        frames.append(_fit(_upright(frame), size, mode))
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's text, without the path
+        raise _BadVideo(f"cannot decode {path} ({reason}); the file is damaged or not a video: "
+                        f"re-encode or remove it") from None
+    if not streams:
+        raise _BadVideo(f"{path} has no video stream; remove it or pass a video file")
+    if not frames:
+        raise _BadVideo(f"{path} decodes to no frames; re-encode or remove it")
+    return np.stack(frames)
+
+
+def _natural_path_key(path, root):
+    """Natural order of paths below `root`, folder by folder."""
+    return [_natural_key(Path(part)) for part in path.relative_to(root).parts]
+
+
+def _video_files(folder):
+    """Video files anywhere below `folder`, in natural path order. Hidden files are left
+    out: macOS writes `._name.mp4` companions that are not videos."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+             and p.is_file() and not any(part.startswith(".") for part in
+                                         p.relative_to(folder).parts)]
+    return sorted(files, key=lambda p: _natural_path_key(p, folder))
+
+
+def _group_matcher(text, flag):
+    """A predicate on group ids from '17-25' / '1,3,5-7' / 'alice,bob': integer ranges and
+    single ids; ids compare as integers when both sides are integers ('01' is 1)."""
+    ranges, names = [], set()
+    for item in (part.strip() for part in text.split(",")):
+        bounds = re.fullmatch(r"(\d+)-(\d+)", item)
+        if bounds:
+            low, high = int(bounds[1]), int(bounds[2])
+            if low > high:
+                raise DataError(f"--{flag} {text}: range {item} is empty; write low-high")
+            ranges.append((low, high))
+        elif item:
+            names.add(item)
+        else:
+            raise DataError(f"--{flag} '{text}' has an empty item; write e.g. 17-25 or 1,3,5-7")
+    numbers = {int(n) for n in names if n.isdecimal()}
+
+    def matches(group):
+        if group.isdecimal():
+            return int(group) in numbers or any(a <= int(group) <= b for a, b in ranges)
+        return group in names
+    return matches
+
+
+def _groups_text(groups):
+    """Group ids for a message: sorted, integers numerically, at most 20."""
+    ordered = sorted(groups, key=lambda g: (not g.isdecimal(), int(g) if g.isdecimal() else 0,
+                                            g))
+    return ", ".join(ordered[:20]) + (", ..." if len(ordered) > 20 else "")
+
+
+def _split_by_regex(files, regex, val_groups, test_groups):
+    """{split: files}: group 1 of `regex` searched in each file NAME is the file's group id;
+    files whose group is in test_groups go to test, in val_groups to val, others to train."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise DataError(f"--split_by {regex!r} is not a valid regular expression ({e})") from None
+    if pattern.groups < 1:
+        raise DataError(f"--split_by {regex!r} has no capturing group; put the group id in "
+                        r"parentheses, e.g. 'person(\d+)'")
+    if not (val_groups or test_groups):
+        raise DataError("--split_by needs --test_groups and/or --val_groups naming the groups "
+                        "that leave train, e.g. --test_groups 17-25")
+    in_test = _group_matcher(test_groups, "test_groups") if test_groups else lambda g: False
+    in_val = _group_matcher(val_groups, "val_groups") if val_groups else lambda g: False
+    splits, seen = {"train": [], "val": [], "test": []}, set()
+    for file in files:
+        match = pattern.search(file.name)
+        if match is None or match.group(1) is None:
+            raise DataError(f"file name {file.name} does not match --split_by {regex!r}; fix "
+                            f"the expression or move the file out of the folder")
+        group = match.group(1)
+        seen.add(group)
+        if in_test(group) and in_val(group):
+            raise DataError(f"group {group} is in both --val_groups and --test_groups; "
+                            f"give each group one split")
+        splits["test" if in_test(group) else "val" if in_val(group) else "train"].append(file)
+    for name, given in (("test", test_groups), ("val", val_groups), ("train", True)):
+        if given and not splits[name]:
+            raise DataError(f"no file falls in {name} (groups found: {_groups_text(seen)}); "
+                            f"check --split_by, --val_groups and --test_groups")
+    return {name: videos for name, videos in splits.items() if videos}
+
+
+def _split_by_fraction(files, root, val_frac, test_frac):
+    """{split: files}: `val_frac` / `test_frac` of the files go to val / test, chosen by a
+    hash of each file's path below `root`. Deterministic on any machine, and it mixes
+    subfolders (the last files by name would all come from one folder). Each split keeps
+    natural name order."""
+    import hashlib
+
+    n_val, n_test = _fraction_counts(len(files), val_frac, test_frac)
+    ranked = sorted(files, key=lambda p: hashlib.sha1(
+        p.relative_to(root).as_posix().encode()).hexdigest())
+    held = {"val": set(ranked[:n_val]), "test": set(ranked[n_val:n_val + n_test])}
+    splits = {"train": [p for p in files if p not in held["val"] and p not in held["test"]],
+              "val": [p for p in files if p in held["val"]],
+              "test": [p for p in files if p in held["test"]]}
+    return {name: videos for name, videos in splits.items() if videos}
+
+
+class _VideoFiles:
+    """One split's video files, decoded as the writer reaches them (the writer's progress
+    bar counts files). With skip_bad, a file that fails to decode is left out and recorded
+    in `skipped`; otherwise its error stops the conversion."""
+
+    def __init__(self, name, files, load, skip_bad, skipped):
+        self.name, self.files, self.load = name, files, load
+        self.skip_bad, self.skipped = skip_bad, skipped
+
+    def __len__(self):
+        return len(self.files)
+
+    def __iter__(self):
+        written = 0
+        for file in self.files:
+            try:
+                video = self.load(file)
+            except _BadVideo as e:
+                if not self.skip_bad:
+                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
+                self.skipped.append(str(file))
+                continue
+            written += 1
+            yield video
+        if not written:
+            raise DataError(f"none of the {len(self.files)} files of split '{self.name}' could "
+                            f"be decoded; check the files")
+
+
+def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
+                   test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
+                   skip_bad=False, force=False, progress=True):
+    """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
+    [skipped files]).
+
+    Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
+    folder (searched recursively) by `split_by` (a regex on file names, see
+    `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
+    neither, everything goes to train. Every `every`-th frame is kept, at most
+    `max_frames` per video, each resized by the rule of `_fit`.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
+    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
+        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
+                        f"{every}, {max_frames} and {image_size}")
+    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
+    if split_dirs:
+        if split_by or val_groups or test_groups or val_frac or test_frac:
+            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
+                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
+        files = {s: _video_files(data_dir / s) for s in split_dirs}
+        for split, found in files.items():
+            if not found:
+                raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in "
+                                f"{data_dir / split}; add videos or remove the folder")
+    else:
+        found = _video_files(data_dir)
+        if not found:
+            raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {data_dir} or "
+                            f"its subfolders; pass the folder that holds the videos")
+        if split_by:
+            if val_frac or test_frac:
+                raise DataError("--split_by and --val_frac/--test_frac both split the files; "
+                                "pass one of them")
+            files = _split_by_regex(found, split_by, val_groups, test_groups)
+        elif val_groups or test_groups:
+            raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
+                            "file's group")
+        else:
+            files = _split_by_fraction(found, data_dir, val_frac, test_frac)
+    _av()  # fail now, not at the first file, when PyAV is missing
+
+    skipped = []
+    splits = {name: _VideoFiles(name, group, lambda p: _decode(p, image_size, every, max_frames),
+                                skip_bad, skipped)
+              for name, group in files.items()}
+    write_videos(out, splits, force, progress, attrs={"kind": "videos"})
+    counts = {name: len(group) - sum(str(p) in skipped for p in group)
+              for name, group in files.items()}
+    return counts, skipped
+
+
+def read_clip(path, image_size, channels=3):
+    """ONE clip to predict from -> uint8 (T, image_size, image_size, channels).
+
+    `path`: a folder of frame images (taken in natural name order: 2.png before 10.png),
+    a .npy array (T, H, W) or (T, H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1],
+    or a video file (.mp4, .avi, .mkv, .webm, .mov, .gif; needs PyAV). Frames are resized
+    by the same rule as the `frames`, `npy` and `videos` subcommands (`_fit`), so a clip
+    looks like the training data. channels: 3 (RGB) or 1 (grayscale).
+    """
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise DataError(f"image size must be at least 1, got {image_size}")
+    path, mode = Path(path), "RGB" if channels == 3 else "L"
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and not p.name.startswith(".")), key=_natural_key)
+        if not files:
+            raise DataError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"pass a folder of frames, a .npy file or a video file")
+        frames = np.stack([_load_image(p, image_size, mode) for p in files])
+    elif not path.exists():
+        raise DataError(f"{path} does not exist; pass a folder of frames, a .npy file or a "
+                        f"video file")
+    elif path.suffix.lower() == ".npy":
+        frames = _npy_clip(path, image_size, mode)
+    elif path.suffix.lower() in VIDEO_EXTENSIONS:
+        frames = _decode(path, image_size, mode=mode)
+    else:
+        raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
+                        f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
+    return frames.reshape(*frames.shape[:3], channels)
+
+
+def _npy_clip(path, size, mode):
+    """A .npy clip (T, H, W[, C]) -> frames fitted by `_fit`, (T, size, size[, 3])."""
+    from PIL import Image
+
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not len(array):
+        raise DataError(f"{path} has shape {array.shape}; a clip is (T, H, W) or (T, H, W, C) "
+                        f"with C = 1, 3 or 4 and T >= 1")
+    array = _uint8_converter(array)(array)
+    gray = array.shape[-1] == 1
+    return np.stack([_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, mode)
+                     for f in array])
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,8 +824,10 @@ SPEED = (1.0, 2.5)   # px per frame at size 32
 MAX_STEP = 0.25      # px a ball may move per simulation sub-step
 
 
-def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
-    """Render `num_videos` videos of 1..max_balls colored balls on black.
+def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
+    """Render `num_videos` videos of 1..max_balls colored balls on black. `speed` scales
+    every ball's speed (0.25: a slowly changing data set; the same seed draws the same
+    scenes at any speed).
 
     Returns (videos, state): videos uint8 (N, T, S, S, 3), and state, a dict of
     pos (N, T, B, 2) ball centres (x, y) in pixels, vel (N, T, B, 2) in pixels per frame,
@@ -461,6 +836,8 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
     """
     if not 1 <= max_balls <= len(PALETTE):
         raise DataError(f"--max_balls {max_balls} out of range; use 1..{len(PALETTE)}")
+    if not 0 < speed <= 10:
+        raise DataError(f"--speed {speed} out of range; use a factor in (0, 10], 1 = default")
     if size < 16 or frames < 1 or num_videos < 1:
         raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
                         f"frames {frames}, videos {num_videos}")
@@ -470,12 +847,12 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3):
     radius = rng.uniform(*RADIUS, (num_videos, max_balls)) * scale * active  # (N, B)
     pos = _place_balls(rng, radius, active, size)                             # (N, B, 2)
     angle = rng.uniform(0, 2 * np.pi, (num_videos, max_balls))
-    speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * active
-    vel = np.stack([np.cos(angle), np.sin(angle)], -1) * speed[..., None]     # (N, B, 2)
+    ball_speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * speed * active
+    vel = np.stack([np.cos(angle), np.sin(angle)], -1) * ball_speed[..., None]  # (N, B, 2)
     palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
     color = PALETTE[palette_order[:, :max_balls]]                             # (N, B, 3)
     # Equal masses share kinetic energy, so no ball can exceed sqrt(B) times the top speed.
-    substeps = int(np.ceil(SPEED[1] * scale * np.sqrt(max_balls) / MAX_STEP))
+    substeps = int(np.ceil(SPEED[1] * scale * speed * np.sqrt(max_balls) / MAX_STEP))
     pos, vel = _simulate(pos, vel, radius, active, frames, size, substeps)
     videos = _render(pos, radius, color, active, size)
     return videos, dict(pos=pos, vel=vel, radius=radius, color=color, active=active)
@@ -561,12 +938,145 @@ def _render(pos, radius, color, active, size, chunk=64):
     return videos
 
 
-def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, force=False):
-    """The built-in bouncing-balls data set, split 80/10/10, written to `out`."""
+# ---------------------------------------------------------------------------------------
+# synthetic: a bar sweeping over still blocks, where an older frame matters
+# ---------------------------------------------------------------------------------------
+# On bouncing balls the last two frames fix the next one. Here they do not: a grey bar
+# sweeps back and forth over still colored blocks and hides each in turn; the frame in
+# which a hidden block comes back out cannot be told from the two before it (they show
+# only the bar there), and any older frame that showed the block shows it exactly. The
+# bar itself is the visible clock that keeps a long rollout in step.
+# Geometry on a grid of cells CELL px wide: the bar moves one cell per frame, and blocks
+# are one cell wide and sit on the grid, so a block comes out WHOLE in one frame (16-40 px
+# at size 32, not a sliver): a prediction perfect but for leaving the block out scores
+# about 18 dB PSNR on such a frame, so recalling it is worth many dB.
+
+CELL = 4                 # px at size 32
+BAR_CELLS = 3            # bar width: a block stays hidden whole for 3 frames of a pass
+BLOCK_HEIGHT = (4, 10)   # px at size 32
+BAR_GREY = 128
+
+
+def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
+    """Render `num_videos` videos of 1..max_blocks still colored blocks on black, and a grey
+    bar, full height, sweeping over them at one cell per frame and turning back at the sides.
+
+    The property (tested): frame t is a MEMORY FRAME when a block that was hidden whole in
+    frames t-1 and t-2 shows at t, and some frame before t-2 showed it whole. Frames t-1 and
+    t-2 are then pixel for pixel those of the same scene without that block, while frame t
+    is not: the last two frames cannot tell what comes out, one older frame can (blocks
+    never move). The bar is predictable from the last two frames: constant speed, turning
+    points it reaches exactly, and at least one cell of it always in view.
+
+    Returns (videos, state): videos uint8 (N, T, S, S, 3), and state, a dict of
+    bar (N, T) int, the bar's left edge in px (negative while partly off the left side),
+    bar_width and cell (int, px), boxes (N, B, 4) int blocks (x0, y0, x1, y1),
+    color (N, B, 3) uint8, active (N, B) bool (block b of video n exists), memory (N, T)
+    bool; B = max_blocks.
+    """
+    if not 1 <= max_blocks <= len(PALETTE):
+        raise DataError(f"max_blocks {max_blocks} out of range; use 1..{len(PALETTE)}")
+    if size < 16 or frames < 1 or num_videos < 1:
+        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
+                        f"frames {frames}, videos {num_videos}")
+    rng = np.random.default_rng(seed)
+    cell = round(CELL * size / 32)
+    cells = size // cell                                   # block columns
+    active = np.arange(max_blocks) < rng.integers(1, max_blocks + 1, num_videos)[:, None]
+    height = rng.integers(round(BLOCK_HEIGHT[0] * size / 32),
+                          round(BLOCK_HEIGHT[1] * size / 32) + 1, (num_videos, max_blocks))
+    boxes = _place_blocks(rng, height, active, cell, cells, size)
+    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
+    color = PALETTE[palette_order[:, :max_blocks]].astype(np.uint8)
+
+    # The bar's left edge steps one cell a frame between -(BAR_CELLS-1) and cells-1 (in
+    # cells) and back: a triangle wave, so one cell of the bar is always in view and every
+    # block column can be hidden whole.
+    low, high = -(BAR_CELLS - 1), cells - 1
+    period = 2 * (high - low)
+    u = (rng.integers(0, period, num_videos)[:, None] + np.arange(frames)) % period
+    bar = (low + np.where(u <= high - low, u, period - u)) * cell   # (N, T) px
+    width = BAR_CELLS * cell
+
+    columns = np.arange(size)
+    covered = (columns >= bar[..., None]) & (columns < bar[..., None] + width)  # (N, T, S)
+    videos = np.where(covered[:, :, None, :, None], np.uint8(BAR_GREY),
+                      _paint_blocks(boxes, color, active, size)[:, None])
+    memory = _memory_frames(covered, boxes, active)
+    return videos, dict(bar=bar, bar_width=width, cell=cell, boxes=boxes, color=color,
+                        active=active, memory=memory)
+
+
+def _place_blocks(rng, height, active, cell, cells, size, gap=1, tries=1000):
+    """Random boxes (x0, y0, x1, y1): one cell wide on the cell grid, at least `gap` px
+    apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
+    num_videos, max_blocks = height.shape
+    boxes = np.zeros((num_videos, max_blocks, 4), int)
+    for b in range(max_blocks):
+        todo = active[:, b].copy()
+        for _ in range(tries):
+            if not todo.any():
+                break
+            x0 = rng.integers(0, cells, todo.sum()) * cell
+            y0 = rng.integers(0, size - height[todo, b] + 1)
+            boxes[todo, b] = np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
+            low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
+            # a column apart, or in one column and `gap` rows apart
+            apart = (low[..., 0] != boxes[:, :b, 0]) | (
+                (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
+            todo = active[:, b] & (~apart & active[:, :b]).any(1)
+        if todo.any():
+            raise DataError(f"cannot place {max_blocks} blocks apart in {size}x{size} frames; "
+                            f"use a larger size or fewer blocks")
+    return boxes
+
+
+def _paint_blocks(boxes, color, active, size):
+    """The still scene, uint8 (N, S, S, 3): the blocks on black."""
+    scene = np.zeros((len(boxes), size, size, 3), np.uint8)
+    for n, b in zip(*np.nonzero(active)):
+        x0, y0, x1, y1 = boxes[n, b]
+        scene[n, y0:y1, x0:x1] = color[n, b]
+    return scene
+
+
+def _memory_frames(covered, boxes, active):
+    """(N, T) bool: a block hidden whole at t-1 and t-2 shows at t and was seen whole
+    before t-2. The bar spans the full height, so columns decide what is hidden."""
+    columns = np.arange(covered.shape[-1])
+    inside = (columns >= boxes[..., 0, None]) & (columns < boxes[..., 2, None])  # (N, B, S)
+    inside, bar = inside[:, None], covered[:, :, None]          # (N, 1, B, S), (N, T, 1, S)
+    hidden = ~(inside & ~bar).any(-1)                           # (N, T, B) no column shows
+    whole = ~(inside & bar).any(-1)                             # (N, T, B) every column shows
+    seen = np.logical_or.accumulate(whole, axis=1)              # seen whole at or before t
+    memory = np.zeros(hidden.shape, bool)
+    memory[:, 3:] = ~hidden[:, 3:] & hidden[:, 2:-1] & hidden[:, 1:-2] & seen[:, :-3]
+    return (memory & active[:, None]).any(-1)
+
+
+SYNTHETIC_KINDS = ("balls", "occluder")
+
+
+def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, force=False,
+                    kind="balls", speed=1.0):
+    """A built-in synthetic data set, split 80/10/10, written to `out`.
+
+    kind 'balls': `bouncing_balls` (max_balls, speed apply). kind 'occluder':
+    `occluded_blocks`, where an older frame matters; its per-frame memory flags are stored
+    too (read them with `memory_flags`). The root attribute `kind` records which.
+    """
+    if kind not in SYNTHETIC_KINDS:
+        raise DataError(f"unknown --kind {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
     if Path(out).exists() and not force:  # fail before generating
         raise DataError(f"{out} already exists; pass --force to overwrite it")
-    clips, _ = bouncing_balls(videos, frames, size, seed, max_balls)
-    write_videos(out, _synthetic_splits(clips), force)
+    if kind == "balls":
+        clips, _ = bouncing_balls(videos, frames, size, seed, max_balls, speed)
+        write_videos(out, _synthetic_splits(clips), force,
+                     attrs={"kind": kind, "seed": seed, "speed": speed})
+    else:
+        clips, state = occluded_blocks(videos, frames, size, seed)
+        write_videos(out, _synthetic_splits(clips), force, attrs={"kind": kind, "seed": seed},
+                     memory=_synthetic_splits(state["memory"]))
 
 
 def _synthetic_splits(videos):
@@ -588,7 +1098,8 @@ def _megabytes(nbytes):
 
 
 def info(path, file=None):
-    """Print a table to `file` (default stdout): one row per split."""
+    """Print a table to `file` (default stdout): one row per split; then the size on disk,
+    and the kind of data and its memory flags when the file records them."""
     header = ("split", "videos", "frames min/med/max", "resolution", "C", "dtype", "raw size")
     rows = []
     for split in splits_in(path):
@@ -601,8 +1112,21 @@ def info(path, file=None):
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)), file=file)
-    on_disk = sum(p.stat().st_size for p in _shard_paths(path))
+    shards = _shard_paths(path)
+    on_disk = sum(p.stat().st_size for p in shards)
     print(f"on disk: {_megabytes(on_disk)} for all splits, compressed ({path})", file=file)
+    with _open(shards[0]) as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        memory = f.get(MEMORY)
+        counts = {split: (sum(int(d[()].sum()) for d in memory[split].values()),
+                          sum(d.shape[0] for d in memory[split].values()))
+                  for split in (_ordered(memory) if isinstance(memory, h5py.Group) else [])}
+    if attrs:
+        print("data: " + ", ".join(f"{k}={v}" for k, v in sorted(attrs.items())), file=file)
+    if counts:
+        print("memory frames (an older frame needed): " + ", ".join(
+            f"{split} {m} of {t} ({100 * m / max(t, 1):.1f}%)" for split, (m, t) in counts.items()),
+            file=file)
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,6 +1157,45 @@ def _parser():
     _flag(p, "extension", default="png", help="image file extension (default png)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
+    p = commands.add_parser(
+        "videos", help="video files (.mp4 .avi .mkv .webm .mov .gif) -> HDF5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
+
+Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
+Frames: every --every-th frame from the first, at most --max_frames per video; each frame is
+resized to image_size x image_size RGB as in the `frames` subcommand (LANCZOS, the whole frame:
+no crop, aspect ratio not kept); a phone's display rotation is applied first.
+
+Splits, one of:
+  DIR/train/, DIR/val/, DIR/test/ folders    each folder's videos form that split
+  --split_by REGEX --test_groups G [--val_groups G]
+                  group 1 of REGEX, searched in each FILE NAME, is the file's group id;
+                  groups in --test_groups go to test, in --val_groups to val, all others to
+                  train. G: ids and ranges, e.g. 17-25 or 1,3,5-7 or alice,bob (ids compare
+                  as integers, so 01 = 1). A file name that does not match is an error.
+                  KTH's split by person (1-16 train, 17-25 test):
+                    --split_by 'person(\\d+)_' --test_groups 17-25
+  --val_frac F --test_frac F
+                  that fraction of the files, picked by a hash of each file's path below DIR
+                  (deterministic, mixes subfolders), goes to val / test
+  none of these   every video goes to train
+
+A file that cannot be decoded stops the conversion with its name (nothing is written), or is
+skipped and counted with --skip-bad. The output is written atomically.""")
+    _flag(p, "data_dir", required=True, help="folder holding the videos (searched recursively)")
+    _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
+    _flag(p, "every", type=int, default=1, metavar="K", help="keep every K-th frame (default 1)")
+    _flag(p, "max_frames", type=int, metavar="N", help="at most N frames per video (default all)")
+    _flag(p, "split_by", metavar="REGEX", help="regex whose group 1 is a file's group id")
+    _flag(p, "test_groups", metavar="G", help="group ids for test, e.g. 17-25")
+    _flag(p, "val_groups", metavar="G", help="group ids for val, e.g. 15,16")
+    _flag(p, "val_frac", type=float, default=0.0, help="fraction of files for val (default 0)")
+    _flag(p, "test_frac", type=float, default=0.0, help="fraction for test (default 0)")
+    _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
     p = commands.add_parser("npy", help="one .npy array of videos -> HDF5",
                             description="Convert an array of videos to HDF5. uint8 is kept; "
                             "float must lie in [0, 1] and is scaled to 0..255. Grayscale (no C "
@@ -649,16 +1212,30 @@ def _parser():
     _flag(p, "image_size", type=int, help="resize frames to this side (default: keep)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
-    p = commands.add_parser("synthetic", help="bouncing balls -> HDF5",
-                            description="Colored balls bouncing elastically off the walls and "
-                            "each other, anti-aliased, on black. Split 80/10/10 into train/val/"
-                            "test in video order (each at least 1 video). Deterministic per seed.")
+    p = commands.add_parser(
+        "synthetic", help="bouncing balls, or an occluder over still blocks -> HDF5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""A built-in synthetic data set, 32x32 RGB by default.
+
+--kind balls (default): 1..max_balls colored balls bouncing elastically off the walls and
+    each other, anti-aliased, on black. The last two frames determine the next one.
+--kind occluder: a grey bar sweeps back and forth over 1-3 still colored blocks on black,
+    hiding each in turn. When a block comes back out, the two frames before showed only
+    the bar there: one OLDER frame tells what appears (a memory frame). About 1 frame in 6
+    is a memory frame; the file flags them per frame (/memory/<split>/<video>, read with
+    data_prep.memory_flags; `info` counts them).
+
+Split 80/10/10 into train/val/test in video order (each at least 1 video). Deterministic per
+seed.""")
     _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "kind", default="balls", choices=SYNTHETIC_KINDS, help="balls (default) or occluder")
     _flag(p, "videos", type=int, default=1000, help="number of videos (default 1000)")
     _flag(p, "frames", type=int, default=32, help="frames per video (default 32)")
     _flag(p, "size", type=int, default=32, help="frame side in pixels (default 32)")
     _flag(p, "seed", type=int, default=0, help="random seed (default 0)")
-    _flag(p, "max_balls", type=int, default=3, help="1..max_balls balls per video (default 3)")
+    _flag(p, "max_balls", type=int, help="balls: 1..max_balls balls per video (default 3)")
+    _flag(p, "speed", type=float, metavar="F", help="balls: speed factor (default 1.0; e.g. "
+          "0.25 for slowly changing videos)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
     p = commands.add_parser("info", help="describe a video file",
@@ -674,12 +1251,26 @@ def main(argv=None):
     try:
         if args.command == "frames":
             convert_frames(args.data_dir, args.out, args.image_size, args.extension, args.force)
+        elif args.command == "videos":
+            counts, skipped = convert_videos(
+                args.data_dir, args.out, args.image_size, args.every, args.max_frames,
+                args.val_frac, args.test_frac, args.split_by, args.val_groups,
+                args.test_groups, args.skip_bad, args.force)
+            print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                  + " videos")
+            if skipped:
+                print(f"skipped {len(skipped)} file(s) that could not be decoded: "
+                      + ", ".join(skipped), file=sys.stderr)
         elif args.command == "npy":
             convert_npy(args.input, args.out, args.layout, args.split, args.val_frac,
                         args.test_frac, args.image_size, args.force)
         elif args.command == "synthetic":
+            if args.kind != "balls" and (args.max_balls is not None or args.speed is not None):
+                raise DataError(f"--max_balls and --speed apply to --kind balls only; drop them "
+                                f"for --kind {args.kind}")
             write_synthetic(args.out, args.videos, args.frames, args.size, args.seed,
-                            args.max_balls, args.force)
+                            args.max_balls or 3, args.force, args.kind,
+                            1.0 if args.speed is None else args.speed)
         else:
             info(args.path)
     except DataError as e:

@@ -107,6 +107,7 @@ setup(
     python_requires=">=3.9",
     py_modules=["river", "data_prep"],
     install_requires=["torch>=2.4", "ninja", "h5py", "numpy", "einops", "matplotlib", "tqdm"],
-    extras_require={"test": ["pytest"]},
+    # video: data_prep.py reads .mp4/.avi/... through PyAV (its wheels bundle FFmpeg)
+    extras_require={"test": ["pytest"], "video": ["av"]},
     **extension_kwargs(),
 )

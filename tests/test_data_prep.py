@@ -1,8 +1,10 @@
-"""Tests of data_prep: round trips through every writer, the plain official layout, the
-bouncing-balls physics, and one DataError per kind of bad input."""
+"""Tests of data_prep: round trips through every writer, the plain official layout, video
+files and read_clip, the bouncing-balls physics, the occluder's memory property, and one
+DataError per kind of bad input."""
 
 import multiprocessing
 import pickle
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +368,475 @@ def test_crash_mid_write_leaves_nothing(tmp_path, rng):
         write_videos(tmp_path / "out.h5", {"train": random_videos(rng, 1), "test": crashing()},
                      progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Video files (PyAV, the optional `video` extra) and read_clip
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def av():
+    return pytest.importorskip("av")
+
+
+def write_video(path, frames, codec="ffv1", pix_fmt="bgr0", options=None):
+    """Encode uint8 (T, H, W, 3) frames with PyAV; ffv1 (bgr0) and libx264rgb (qp 0) are
+    lossless, so the frames read back exactly."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.options = options or {}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_gif(path, frames):
+    """A GIF through Pillow: exact when the frames use few colours."""
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0,
+                   optimize=False, disposal=1)
+
+
+def smooth_video(rng, frames, height, width):
+    """Gradients and a moving block: content a lossy codec keeps within a few levels."""
+    y, x = np.mgrid[:height, :width]
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        video[t, ..., 0] = 40 + 150 * x // width
+        video[t, ..., 1] = 60 + 120 * y // height
+        video[t, ..., 2] = 100
+        video[t, 4:12, 2 * t:2 * t + 8] = (230, 230, 40)
+    return video
+
+
+def flat_video(value, frames=2, size=8):
+    """A video whose every pixel is `value`: its content names it after a split."""
+    return np.full((frames, size, size, 3), value, np.uint8)
+
+
+def videos_cli(*args):
+    return main(["videos", *map(str, args)])
+
+
+def read_split(path, split):
+    store = VideoStore(path, split)
+    return read_all(store)
+
+
+def test_videos_lossless_split_folders_and_natural_order(tmp_path, rng, av):
+    data = tmp_path / "data"
+    (data / "train" / "sub").mkdir(parents=True)
+    (data / "test").mkdir()
+    want = [rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    write_video(data / "train" / "v10.mkv", want[1])               # ffv1: lossless
+    write_video(data / "train" / "v2.mp4", want[0], "libx264rgb", "rgb24", {"qp": "0"})
+    write_video(data / "train" / "sub" / "v1.avi", want[2])        # ffv1 in .avi
+    palette = rng.integers(0, 256, (4, 3), dtype=np.uint8)        # 4 colours: GIF is exact
+    gif = palette[rng.integers(0, 4, (3, 16, 16))]
+    write_gif(data / "test" / "clip.gif", gif)
+    (data / "train" / "notes.txt").write_text("ignored")
+    (data / "train" / "._v3.mp4").write_bytes(b"macOS resource fork, not a video")
+    out = tmp_path / "v.h5"
+    assert videos_cli("--data_dir", data, "--out", out, "--image_size", 16) == 0
+    assert splits_in(out) == ["train", "test"]
+    got = read_split(out, "train")  # natural path order: sub/v1, v2, v10
+    for g, w in zip(got, [want[2], want[0], want[1]]):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(read_split(out, "test")[0], gif)
+
+
+def test_videos_resize_every_max_frames_match_frames_rule(tmp_path, rng, av):
+    video = rng.integers(0, 256, (9, 24, 40, 3), dtype=np.uint8)  # not square
+    (tmp_path / "flat").mkdir()
+    write_video(tmp_path / "flat" / "a.mkv", video)
+    out = tmp_path / "v.h5"
+    assert videos_cli("--data_dir", tmp_path / "flat", "--out", out, "--image-size", 8,
+                      "--every", 2, "--max_frames", 3) == 0
+    got = read_split(out, "train")[0]
+    # the frames subcommand on the same frames (0, 2, 4) as PNG gives the same pixels
+    folder = tmp_path / "frames" / "train" / "a"
+    folder.mkdir(parents=True)
+    for t in (0, 2, 4):
+        Image.fromarray(video[t]).save(folder / f"{t}.png")
+    assert main(["frames", "--data_dir", str(tmp_path / "frames"), "--out",
+                 str(tmp_path / "f.h5"), "--image_size", "8"]) == 0
+    np.testing.assert_array_equal(got, read_split(tmp_path / "f.h5", "train")[0])
+    assert got.shape == (3, 8, 8, 3)
+
+
+def test_videos_lossy_codec_within_tolerance(tmp_path, rng, av):
+    video = smooth_video(rng, 8, 32, 32)
+    (tmp_path / "d").mkdir()
+    write_video(tmp_path / "d" / "kth_like.avi", video, "mpeg4", "yuv420p", {"qscale": "2"})
+    write_video(tmp_path / "d" / "clevrer_like.mp4", video, "libx264", "yuv420p", {"crf": "18"})
+    out = tmp_path / "v.h5"
+    assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 32) == 0
+    for got in read_split(out, "train"):
+        assert got.shape == video.shape
+        # error[t, s]: mean distance of decoded frame t to true frame s
+        error = np.abs(got[:, None].astype(int) - video[None]).mean(axis=(2, 3, 4))
+        assert error.diagonal().max() < 8  # a lossy codec: a few levels off
+        assert (error.argmin(1) == np.arange(len(video))).all()  # each frame in its place
+
+
+def kth_names():
+    """KTH-like file names in one folder per action, persons 1..5."""
+    return [f"{action}/person{p:02d}_{action}_d{d}_uncomp.avi" for action in ("walking", "boxing")
+            for p in range(1, 6) for d in (1, 2)]
+
+
+def write_named(root, names, av):
+    """One flat 2-frame video per name; video k is filled with the value 10 * k."""
+    for k, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(root / name, flat_video(10 * k))
+
+
+def values(videos):
+    return sorted(int(v[0, 0, 0, 0]) for v in videos)
+
+
+def test_videos_split_by_regex(tmp_path, av):
+    names = kth_names()
+    write_named(tmp_path / "kth", names, av)
+    out = tmp_path / "kth.h5"
+    assert videos_cli("--data_dir", tmp_path / "kth", "--out", out, "--image_size", 8,
+                      "--split_by", r"person(\d+)_", "--test_groups", "4-5",
+                      "--val_groups", "3") == 0
+    assert splits_in(out) == ["train", "val", "test"]
+    person = [int(n.split("person")[1][:2]) for n in names]
+    for split, wanted in (("train", {1, 2}), ("val", {3}), ("test", {4, 5})):
+        assert values(read_split(out, split)) == sorted(
+            10 * k for k, p in enumerate(person) if p in wanted)
+    # lists and single ids, compared as integers ('02' is 2)
+    data_prep.convert_videos(tmp_path / "kth", tmp_path / "b.h5", 8, split_by=r"person(\d+)",
+                             test_groups="1,05", progress=False)
+    assert len(VideoStore(tmp_path / "b.h5", "test")) == 8
+
+
+def test_videos_split_by_regex_errors(tmp_path, av):
+    write_named(tmp_path / "kth", kth_names()[:4] + ["walking/odd_name.avi"], av)
+
+    def convert(**kwargs):
+        data_prep.convert_videos(tmp_path / "kth", tmp_path / "o.h5", 8, progress=False,
+                                 **kwargs)
+
+    with pytest.raises(DataError, match="odd_name.avi does not match --split_by"):
+        convert(split_by=r"person(\d+)", test_groups="2")
+    (tmp_path / "kth" / "walking" / "odd_name.avi").unlink()
+    with pytest.raises(DataError, match="has no capturing group"):
+        convert(split_by=r"person\d+", test_groups="2")
+    with pytest.raises(DataError, match="not a valid regular expression"):
+        convert(split_by=r"person(\d+", test_groups="2")
+    with pytest.raises(DataError, match=r"no file falls in test \(groups found: 01, 02\)"):
+        convert(split_by=r"person(\d+)", test_groups="17-25")
+    with pytest.raises(DataError, match="needs --test_groups and/or --val_groups"):
+        convert(split_by=r"person(\d+)")
+    with pytest.raises(DataError, match="range 5-3 is empty"):
+        convert(split_by=r"person(\d+)", test_groups="5-3")
+    with pytest.raises(DataError, match="need --split_by"):
+        convert(test_groups="2")
+    with pytest.raises(DataError, match="pass one of them"):
+        convert(split_by=r"person(\d+)", test_groups="2", test_frac=0.5)
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_videos_fraction_split_is_deterministic(tmp_path, av):
+    write_named(tmp_path / "kth", kth_names(), av)
+    for out in ("a.h5", "b.h5"):
+        counts, skipped = data_prep.convert_videos(tmp_path / "kth", tmp_path / out, 8,
+                                                   val_frac=0.1, test_frac=0.2, progress=False)
+        assert counts == {"train": 14, "val": 2, "test": 4} and skipped == []
+    for split in ("train", "val", "test"):
+        assert values(read_split(tmp_path / "a.h5", split)) == values(
+            read_split(tmp_path / "b.h5", split))
+    # the held-out files come from both action folders, not from the last one by name
+    held = values(read_split(tmp_path / "a.h5", "val") + read_split(tmp_path / "a.h5", "test"))
+    assert min(held) < 100 <= max(held)
+    with pytest.raises(DataError, match="cannot be split"):
+        data_prep.convert_videos(tmp_path / "kth", tmp_path / "c.h5", 8, test_frac=0.01)
+
+
+def test_videos_corrupt_file_one_line_error_or_skipped(tmp_path, rng, av):
+    data = tmp_path / "d"
+    data.mkdir()
+    for name in ("a.mkv", "c.mkv"):
+        write_video(data / name, rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    (data / "b.mp4").write_bytes(b"this is not a video" * 50)
+    out = tmp_path / "v.h5"
+    command = [sys.executable, str(SCRIPT), "videos", "--data_dir", str(data), "--out", str(out),
+               "--image_size", "8"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]  # above it: the progress bar
+    assert error.startswith("error: cannot decode") and "b.mp4" in error
+    assert "--skip-bad" in error and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # nothing written
+    result = subprocess.run(command + ["--skip-bad"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "skipped 1 file(s)" in result.stderr and "b.mp4" in result.stderr
+    assert "1 train videos" not in result.stdout and "2 train videos" in result.stdout
+    assert len(VideoStore(out)) == 2
+    # every file of a split bad: nothing to write
+    for name in ("a.mkv", "c.mkv"):
+        (data / name).write_bytes(b"broken")
+    with pytest.raises(DataError, match="none of the 3 files of split 'train'"):
+        data_prep.convert_videos(data, tmp_path / "w.h5", 8, skip_bad=True, progress=False)
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_videos_empty_folder_and_missing_pyav(tmp_path, monkeypatch):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no videos here")
+    with pytest.raises(DataError, match=r"no video files \(.mp4.*\) in .*empty or its subfolders"):
+        data_prep.convert_videos(tmp_path / "empty", tmp_path / "o.h5", 8)
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no video files .* in .*train; add videos"):
+        data_prep.convert_videos(tmp_path / "split", tmp_path / "o.h5", 8)
+    (tmp_path / "empty" / "a.mp4").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    with pytest.raises(DataError, match=r'needs PyAV.*pip install -e "\.\[video\]"'):
+        data_prep.convert_videos(tmp_path / "empty", tmp_path / "o.h5", 8)
+    with pytest.raises(DataError, match="needs PyAV"):
+        data_prep.read_clip(tmp_path / "empty" / "a.mp4", 8)
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_videos_phone_rotation_is_applied(tmp_path, av):
+    """A phone held upright stores landscape frames plus a display matrix (rotation -90):
+    the frames come out portrait, as a player shows them."""
+    video = np.zeros((3, 16, 32, 3), np.uint8)
+    video[:, :4, :4] = 255                       # a marker in the stored top-left corner
+    write_video(tmp_path / "phone.mp4", video, "libx264rgb", "rgb24", {"qp": "0"})
+    data = bytearray((tmp_path / "phone.mp4").read_bytes())
+    identity = struct.pack(">9i", 1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)
+    portrait = struct.pack(">9i", 0, 1 << 16, 0, -1 << 16, 0, 0, 0, 0, 1 << 30)
+    at = data.index(identity, data.index(b"tkhd"))  # the track header's display matrix
+    data[at:at + 36] = portrait
+    (tmp_path / "phone.mp4").write_bytes(data)
+    with av.open(str(tmp_path / "phone.mp4")) as container:
+        assert next(container.decode(video=0)).rotation == -90
+    clip = data_prep.read_clip(tmp_path / "phone.mp4", 32)
+    # rotated 90 degrees clockwise: the marker is now top-right (squashed to 32x32)
+    upright = np.asarray(Image.fromarray(np.rot90(video[0], -1)).resize((32, 32), Image.LANCZOS))
+    np.testing.assert_array_equal(clip[0], upright)
+    assert clip[0, :2, -6:].min() > 200 and clip[0, :2, :6].max() < 50
+
+
+def test_read_clip_folder_npy_and_video(tmp_path, rng, av):
+    video = rng.integers(0, 256, (3, 12, 20, 3), dtype=np.uint8)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for t, name in enumerate(["2.png", "10.png", "frame_100.png"]):  # text order: 10, 2, f
+        Image.fromarray(video[t]).save(folder / name)
+    (folder / "notes.txt").write_text("ignored")
+    clip = data_prep.read_clip(folder, 8)
+    assert clip.shape == (3, 8, 8, 3) and clip.dtype == np.uint8
+    # the same resize as the frames subcommand
+    split = tmp_path / "frames" / "test"
+    split.mkdir(parents=True)
+    folder.rename(split / "clip")
+    assert main(["frames", "--data_dir", str(tmp_path / "frames"), "--out",
+                 str(tmp_path / "f.h5"), "--image_size", "8"]) == 0
+    np.testing.assert_array_equal(clip, read_split(tmp_path / "f.h5", "test")[0])
+    # the same frames as .npy and as a lossless video file give the same clip
+    np.save(tmp_path / "clip.npy", video)
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.npy", 8), clip)
+    write_video(tmp_path / "clip.mkv", video)
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.mkv", 8), clip)
+    # grayscale (T, H, W): replicated for channels=3, kept for channels=1
+    gray = rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "gray.npy", gray)
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8),
+                                  np.repeat(gray[..., None], 3, -1))
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8, channels=1),
+                                  gray[..., None])
+    np.save(tmp_path / "float.npy", gray / 255.0)
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "float.npy", 8, 1),
+                                  gray[..., None])
+
+
+def test_read_clip_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no frame images"):
+        data_prep.read_clip(tmp_path / "empty", 8)
+    with pytest.raises(DataError, match="does not exist"):
+        data_prep.read_clip(tmp_path / "nope.mp4", 8)
+    (tmp_path / "clip.txt").write_text("hello")
+    with pytest.raises(DataError, match="unknown kind of clip"):
+        data_prep.read_clip(tmp_path / "clip.txt", 8)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 8, 8, 5), np.uint8))
+    with pytest.raises(DataError, match=r"shape \(2, 8, 8, 5\)"):
+        data_prep.read_clip(tmp_path / "bad.npy", 8)
+    with pytest.raises(DataError, match="channels must be 1 or 3"):
+        data_prep.read_clip(tmp_path / "bad.npy", 8, channels=4)
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "0.png").write_text("not a png")
+    with pytest.raises(DataError, match="cannot read image .*0.png"):
+        data_prep.read_clip(tmp_path / "frames", 8)
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic occluder: where one older frame, not the last two, tells what comes next
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def occluder():
+    return data_prep.occluded_blocks(300, 32, 32, seed=3)
+
+
+def test_occluder_deterministic_and_looks(occluder):
+    videos, state = occluder
+    assert videos.shape == (300, 32, 32, 32, 3) and videos.dtype == np.uint8
+    again, _ = data_prep.occluded_blocks(300, 32, 32, seed=3)
+    assert again.tobytes() == videos.tobytes()
+    other, _ = data_prep.occluded_blocks(300, 32, 32, seed=4)
+    assert other.tobytes() != videos.tobytes()
+    assert set(state["active"].sum(1)) == {1, 2, 3}
+    assert (videos == data_prep.BAR_GREY).all(-1).any(axis=(2, 3)).all()  # the bar: every frame
+    memory = state["memory"]
+    assert not memory[:, :3].any()        # a memory frame needs three frames before it
+    assert 0.1 < memory.mean() < 0.3      # about one frame in six
+    assert memory.any(1).mean() > 0.9
+
+
+def test_occluder_bar_follows_from_the_last_two_frames(occluder):
+    videos, state = occluder
+    bar, width, cell = state["bar"], state["bar_width"], state["cell"]
+    # the next position is a function of the last two: one answer for every pair seen
+    following = {}
+    for before, now, after in zip(bar[:, :-2].ravel(), bar[:, 1:-1].ravel(), bar[:, 2:].ravel()):
+        assert following.setdefault((before, now), after) == after
+    assert (np.abs(np.diff(bar, axis=1)) == cell).all()  # one cell a frame, always moving
+    # at least one cell of it is always in view, and the grey columns are the bar
+    grey = (videos == data_prep.BAR_GREY).all(-1).all(2)                    # (N, T, S)
+    columns = np.arange(32)
+    assert (grey == ((columns >= bar[..., None]) & (columns < bar[..., None] + width))).all()
+    assert grey.sum(-1).min() >= cell
+
+
+def test_occluder_memory_frames_need_an_older_frame(occluder):
+    """At a memory frame t, the video and the same scene without the block that comes out
+    have the SAME two frames before t and DIFFERENT frames t; an older frame tells them
+    apart, and shows exactly what comes out."""
+    videos, state = occluder
+    flagged = list(zip(*np.nonzero(state["memory"])))
+    assert len(flagged) > 100
+    for n, t in flagged[:60]:
+        blocks = 0
+        for b in np.nonzero(state["active"][n])[0]:
+            alt = _without(state, n, b)
+            if not np.array_equal(alt[t - 2:t], videos[n, t - 2:t]) or np.array_equal(
+                    alt[t], videos[n, t]):
+                continue  # block b is in view before t, or stays hidden at t
+            blocks += 1
+            x0, y0, x1, y1 = state["boxes"][n, b]
+            region = videos[n, :t + 1, y0:y1, x0:x1]
+            assert (region[t] == state["color"][n, b]).all()  # it comes out whole
+            assert not np.array_equal(region[t], region[t - 1])
+            assert not np.array_equal(region[t], region[t - 2])
+            assert any(np.array_equal(region[s], region[t]) for s in range(t - 2))
+        assert blocks, f"video {n} frame {t} is flagged, but no hidden block comes out"
+
+
+def _without(state, n, b):
+    """Video n re-rendered without block b, from the generator's state."""
+    active = state["active"][n:n + 1].copy()
+    active[0, b] = False
+    scene = data_prep._paint_blocks(state["boxes"][n:n + 1], state["color"][n:n + 1], active, 32)
+    columns = np.arange(32)
+    bar = state["bar"][n, :, None]
+    covered = (columns >= bar) & (columns < bar + state["bar_width"])
+    return np.where(covered[:, None, :, None], np.uint8(data_prep.BAR_GREY), scene)
+
+
+def test_occluder_unflagged_reveals_are_not_blocks(occluder):
+    """The flags are complete: a block pixel that shows at t after two frames hidden lies
+    in a flagged frame (or in a block never seen whole before)."""
+    videos, state = occluder
+    block = (videos != 0).any(-1) & ~(videos == data_prep.BAR_GREY).all(-1)  # (N, T, H, W)
+    hidden = (videos == data_prep.BAR_GREY).all(-1)
+    back = block[:, 3:] & hidden[:, 2:-1] & hidden[:, 1:-2]      # came out from the bar
+    seen = np.logical_or.accumulate(block, axis=1)[:, :-3]       # seen before t-2
+    assert ((back & seen).any(axis=(2, 3)) <= state["memory"][:, 3:]).all()
+
+
+def test_occluder_file_flags_and_readers(tmp_path, capsys):
+    out = tmp_path / "occ.h5"
+    assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--videos", "20",
+                 "--frames", "12"]) == 0
+    _, state = data_prep.occluded_blocks(20, 12, 32, seed=0)
+    assert splits_in(out) == ["train", "val", "test"]  # /memory is not a split
+    want = {"train": state["memory"][:16], "val": state["memory"][16:18],
+            "test": state["memory"][18:]}
+    for split, flags in want.items():
+        got = data_prep.memory_flags(out, split)
+        assert len(got) == len(VideoStore(out, split)) == len(flags)
+        for g, w in zip(got, flags):
+            assert g.dtype == bool
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(DataError, match="split 'memory' not in file"):
+        VideoStore(out, "memory")
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kind=occluder" in text
+    total = int(state["memory"][:16].sum())
+    assert f"memory frames (an older frame needed): train {total} of {16 * 12}" in text
+
+
+def test_memory_flags_written_checked_and_read(tmp_path, small_h5, rng, capsys):
+    path, _ = small_h5
+    with pytest.raises(DataError, match="has no memory flags; only .*--kind occluder"):
+        data_prep.memory_flags(path, "train")
+    videos = random_videos(rng, 2, frames=3)
+    out = tmp_path / "m.h5"
+    with pytest.raises(DataError, match="memory flags of shape \\(2,\\) for 3 frames"):
+        write_videos(out, {"train": videos}, progress=False,
+                     memory={"train": [np.zeros(3, bool), np.zeros(2, bool)]})
+    with pytest.raises(DataError, match="has 2 videos but 1 memory flag arrays"):
+        write_videos(out, {"train": videos}, progress=False,
+                     memory={"train": [np.zeros(3, bool)]})
+    assert not out.exists()
+    flags = [np.array([True, False, True]), np.zeros(3, bool)]
+    write_videos(out, {"train": videos}, progress=False, attrs={"kind": "test"},
+                 memory={"train": flags})
+    for got, want in zip(data_prep.memory_flags(out, "train"), flags):
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(DataError, match="no memory flags for split 'test'; it has them for: "
+                                        "train"):
+        data_prep.memory_flags(out, "test")
+    # the readers of frames do not take /memory for a split
+    assert splits_in(out) == ["train"]
+    with pytest.raises(DataError, match="split 'memory' not in file; it has: train"):
+        VideoStore(out, "memory")
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "data: kind=test" in text and "train 2 of 6 (33.3%)" in text
+
+
+def test_balls_speed_factor(tmp_path, capsys):
+    fast, fast_state = data_prep.bouncing_balls(50, 10, 32, seed=5)
+    slow, slow_state = data_prep.bouncing_balls(50, 10, 32, seed=5, speed=0.25)
+    np.testing.assert_allclose(slow_state["vel"][:, 0], fast_state["vel"][:, 0] * 0.25)
+    np.testing.assert_array_equal(slow_state["pos"][:, 0], fast_state["pos"][:, 0])
+    step = lambda v: np.abs(np.diff(v.astype(np.int16), axis=1)).mean()  # noqa: E731
+    assert step(slow) < 0.5 * step(fast)
+    out = tmp_path / "slow.h5"
+    assert main(["synthetic", "--out", str(out), "--videos", "5", "--frames", "4",
+                 "--speed", "0.25"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "kind=balls" in capsys.readouterr().out
+    with h5py.File(out) as f:
+        assert f.attrs["speed"] == 0.25
+    assert main(["synthetic", "--out", str(out), "--speed", "0", "--force"]) == 2
+    assert "--speed 0.0 out of range" in capsys.readouterr().err
+    assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--speed", "0.5",
+                 "--force"]) == 2
+    assert "apply to --kind balls only" in capsys.readouterr().err
