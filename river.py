@@ -1520,9 +1520,9 @@ def cmd_sample(args):
     context, frames = sampling_lengths(args, cfg)
     if not (args.input or args.data):
         raise RiverError("nothing to predict from: pass --data FILE (its test split) or --input "
-                         "(a folder of frames or a .npy clip)")
+                         "(a video file, a folder of frames or a .npy clip)")
     if args.input:
-        clips = read_input(args.input, cfg)[None]  # (1, T, C, H, W)
+        clips = to_float(data_prep.read_clip(args.input, cfg.image_size, cfg.channels))[None]
         if clips.shape[1] < context:
             raise RiverError(f"{args.input} has {clips.shape[1]} frames, fewer than --context "
                              f"{context}")
@@ -1550,31 +1550,6 @@ def sampling_lengths(args, cfg):
     if args.warm_start is not None and not 0 <= args.warm_start < 1:
         raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
     return context, frames
-
-
-def read_input(path, cfg):
-    """A user's clip: a folder of frame images (sorted by name) or a .npy array
-    (T, H, W[, C]) uint8. Resized to the model's resolution -> (T, C, H, W) in [-1, 1]."""
-    from PIL import Image
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg",
-                                                                          ".bmp", ".gif")))
-        if not names:
-            raise RiverError(f"{path} has no .png/.jpg frames: pass a folder of frame images")
-        images = [Image.open(os.path.join(path, n)) for n in names]
-    elif path.endswith(".npy"):
-        array = np.load(path)
-        if array.dtype != np.uint8 or array.ndim not in (3, 4):
-            raise RiverError(f"{path}: expected uint8 (T, H, W) or (T, H, W, C), got "
-                             f"{array.dtype} {array.shape}")
-        images = [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
-                  for a in array]
-    else:
-        raise RiverError(f"--input {path}: pass a folder of frame images or a .npy file")
-    mode = "RGB" if cfg.channels == 3 else "L"
-    size = (cfg.image_size, cfg.image_size)
-    frames = np.stack([np.asarray(im.convert(mode).resize(size, Image.BICUBIC)) for im in images])
-    return to_float(frames if frames.ndim == 4 else frames[..., None])
 
 
 # The field's evaluation conventions per data set (sources in the README): context and
@@ -1813,7 +1788,8 @@ def build_parser():
     sampling(s)
     s.add_argument("--run", default="runs/tiny", help="run directory")
     s.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run)")
-    s.add_argument("--input", help="your own clip: a folder of frames or a .npy (T, H, W[, C])")
+    s.add_argument("--input", help="your own clip: a video file, a folder of frames (natural "
+                   "order) or a .npy (T, H, W[, C]); resized as data_prep.py does")
     s.add_argument("--num", type=int, default=4, help="videos to predict")
     s.add_argument("--out", default="pred.gif")
 

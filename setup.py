@@ -106,7 +106,8 @@ setup(
     description="RIVER video prediction (ICCV 2023) in one readable PyTorch file",
     python_requires=">=3.9",
     py_modules=["river", "data_prep"],
-    install_requires=["torch>=2.4", "ninja", "h5py", "numpy", "einops", "matplotlib", "tqdm"],
+    install_requires=["torch>=2.4", "ninja", "h5py", "numpy", "einops", "matplotlib", "tqdm",
+                      "pillow"],
     # video: data_prep.py reads .mp4/.avi/... through PyAV (its wheels bundle FFmpeg)
     extras_require={"test": ["pytest"], "video": ["av"]},
     **extension_kwargs(),

@@ -1,5 +1,27 @@
-"""Make river.py and data_prep.py importable from a plain checkout (no install needed)."""
+"""Shared test helpers; makes river.py and data_prep.py importable from a plain checkout."""
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def av():
+    """PyAV, the optional `video` extra (CI installs it)."""
+    return pytest.importorskip("av")
+
+
+def write_video(path, frames, codec="ffv1", pix_fmt="bgr0", options=None):
+    """Encode uint8 (T, H, W, 3) frames with PyAV; ffv1 (bgr0) and libx264rgb (qp 0) are
+    lossless, so the frames read back exactly."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.options = options or {}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import data_prep
+from conftest import write_video
 from data_prep import DataError, VideoStore, main, splits_in, write_videos
 
 SCRIPT = Path(data_prep.__file__)
@@ -373,25 +374,6 @@ def test_crash_mid_write_leaves_nothing(tmp_path, rng):
 # ---------------------------------------------------------------------------------------
 # Video files (PyAV, the optional `video` extra) and read_clip
 # ---------------------------------------------------------------------------------------
-
-@pytest.fixture
-def av():
-    return pytest.importorskip("av")
-
-
-def write_video(path, frames, codec="ffv1", pix_fmt="bgr0", options=None):
-    """Encode uint8 (T, H, W, 3) frames with PyAV; ffv1 (bgr0) and libx264rgb (qp 0) are
-    lossless, so the frames read back exactly."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        stream.options = options or {}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
 
 def write_gif(path, frames):
     """A GIF through Pillow: exact when the frames use few colours."""

@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data_prep
 import river
+from conftest import write_video
 
 SMALL = river.Config(ae_channels=(8, 16, 16), codebook_size=32, unet_channels=(16, 32),
                      unet_blocks=1, clip_frames=6)
@@ -445,6 +447,26 @@ def test_sample_from_a_users_npy_clip(trained_run, tmp_path):
     assert gif.n_frames == 5 and gif.size[0] == two_tracks[0] // 2
 
 
+def test_sample_from_a_video_file_and_a_frame_folder_read_as_data_prep_reads_them(
+        trained_run, tmp_path, av, monkeypatch):
+    video = np.zeros((6, 40, 40, 3), np.uint8)
+    video[:, :, :, 0] = np.arange(6)[:, None, None] * 40  # frame t has red level 40 t
+    write_video(tmp_path / "clip.mkv", video)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(video):  # 1.png ... 6.png: text order would put 10 before 2
+        Image.fromarray(frame).save(folder / f"{t + 1}.png")
+    seen = []
+    monkeypatch.setattr(river, "write_predictions",
+                        lambda model, context, truth, *a, **k: seen.append((context, truth)))
+    for source in (tmp_path / "clip.mkv", folder):
+        river.main(["sample", "--run", str(trained_run), "--input", str(source), "--context", "2",
+                    "--frames", "4", "--steps", "1", "--out", str(tmp_path / "p.gif")])
+    expected = river.to_float(data_prep.read_clip(str(folder), 32))
+    for context, truth in seen:
+        torch.testing.assert_close(torch.cat([context, truth], 1)[0], expected)
+
+
 def test_claims_end_to_end(data, trained_run, tmp_path, capsys):
     out = tmp_path / "claims"
     river.main(["claims", "--data", data, "--run", str(trained_run), "--out", str(out),
@@ -541,3 +563,23 @@ def test_resume_with_a_longer_budget(data, tmp_path):
     assert steps == [6, 10]
     with pytest.raises(SystemExit):  # what the model is may not change
         river.main(train_args(data, run, "--stage", "ae", "--conditioning", "fixed", "--resume"))
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    import ast
+    import re
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    imported = set()
+    for name in ("river.py", "data_prep.py"):
+        for node in ast.walk(ast.parse(open(os.path.join(root, name)).read())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"river", "data_prep", "river_kernels"}
+    setup = open(os.path.join(root, "setup.py")).read()
+    declared = {re.split("[<>=]", r)[0].lower() for r in re.findall(r'"([A-Za-z][\w.<>=-]*)"',
+                                                                    setup[setup.index("install_requires"):])}
+    distribution = {"PIL": "pillow"}  # import name -> package name where they differ
+    assert {distribution.get(m, m).lower() for m in third_party} <= declared
