@@ -69,7 +69,8 @@ class Config:
     attention: bool = False       # self-attention at the lowest resolution (2x2 in tiny: no use)
     # flow matching
     sigma_min: float = 1e-7
-    conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
+    conditioning: str = "random"  # random (paper) | last | fixed | dense: which past conditions
+    dense_frames: int = 4         # dense: the field sees the last K frames at once (an ablation)
     flow_steps: int = 2200
     flow_batch: int = 64
     flow_lr: float = 2e-3
@@ -517,7 +518,8 @@ class UNet(nn.Module):
         D, ch, E = cfg.latent_dim, cfg.unet_channels, 4 * cfg.unet_channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], E), nn.SiLU(), nn.Linear(E, E))
         self.dist_mlp = nn.Sequential(nn.Linear(1, E), nn.SiLU(), nn.Linear(E, E))
-        self.stem = nn.Conv2d(3 * D, ch[0], 3, padding=1)
+        cond = cfg.dense_frames - 1 if cfg.conditioning == "dense" else 1  # conditioning latents
+        self.stem = nn.Conv2d((2 + cond) * D, ch[0], 3, padding=1)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips, c = [ch[0]], ch[0]
         for i, width in enumerate(ch):
@@ -546,7 +548,7 @@ class UNet(nn.Module):
         """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
         emb = self.time_mlp(sinusoidal(1000 * t, self.stem.out_channels))
         emb = emb + self.dist_mlp(torch.log(d.float())[:, None])  # (B, E)
-        h = self.stem(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, ch0, h, w)
+        h = self.stem(torch.cat([x, ref, cond], 1))  # (B, (2 + 1 or K-1) D, h, w) -> (B, ch0, h, w)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -567,7 +569,8 @@ class UNet(nn.Module):
 def training_indices(B, T, mode="random", device="cpu"):
     """Target tau ~ U{2, ..., T-1}, reference tau-1 and the conditioning frame c with its
     distance d = (tau-1) - c. random (the paper): c ~ U{0, ..., tau-2}; last: c = tau-1
-    (no older frame: an ablation); fixed: c = tau-2 (always the frame before the reference)."""
+    (no older frame: an ablation); fixed and dense: c = tau-2 (always the frame before the
+    reference; dense adds older ones, see dense_conditioning)."""
     tau = torch.randint(2, T, (B,), device=device)
     ref = tau - 1
     if mode == "random":
@@ -575,6 +578,14 @@ def training_indices(B, T, mode="random", device="cpu"):
     else:
         c = ref if mode == "last" else ref - 1
     return tau, ref, c, (ref - c).clamp(min=1)
+
+
+def dense_conditioning(latents, ref, K):
+    """The dense ablation's conditioning: the K-1 latents before the reference, newest first,
+    on channels. latents (B, T, D, h, w), ref (B,) -> (B, (K-1) D, h, w); a clip that starts
+    too late repeats its first frame."""
+    rows = torch.arange(len(latents), device=latents.device)
+    return torch.cat([latents[rows, (ref - k).clamp(min=0)] for k in range(1, K)], 1)
 
 
 def past_frame(L, B, mode="random", past_horizon=-1):
@@ -609,6 +620,8 @@ def flow_loss(field, latents, cfg):
     tau, ref, c, d = training_indices(B, T, cfg.conditioning, latents.device)
     rows = torch.arange(B, device=latents.device)
     z, z_ref, z_cond = latents[rows, tau], latents[rows, ref], latents[rows, c]  # (B, D, h, w)
+    if cfg.conditioning == "dense":
+        z_cond = dense_conditioning(latents, ref, cfg.dense_frames)  # (B, (K-1) D, h, w)
     t = torch.rand(B, device=latents.device)
     eps = torch.randn_like(z)
     x_t = interpolate(eps, z, t, cfg.sigma_min)
@@ -679,12 +692,16 @@ class River(nn.Module):
         """The latent (B, D, h, w) after history (B, L, D, h, w), from noise (or a warm start)."""
         B, L = history.shape[:2]
         rows, ref = torch.arange(B, device=history.device), history[:, -1]
+        if self.cfg.conditioning == "dense":  # the ablation: the same K-1 older frames throughout
+            dense = dense_conditioning(history, torch.full((B,), L - 1, device=history.device),
+                                       self.cfg.dense_frames)
 
         def field(x, t):
             # a new random past frame at every evaluation: the paper's sparse conditioning
             c, d = (i.to(x.device) for i in past_frame(L, B, self.cfg.conditioning, past_horizon))
+            cond = dense if self.cfg.conditioning == "dense" else history[rows, c]
             t = torch.full((B,), float(t), device=x.device)
-            return self.field(x, t, ref, history[rows, c], d).float()
+            return self.field(x, t, ref, cond, d).float()
 
         # the noise comes from the CPU generator, as in the official sampler
         eps = torch.randn(ref.shape).to(ref.device)
@@ -1210,8 +1227,10 @@ def i3d_features(i3d, video, chunk=16):
     return torch.cat(features)
 
 
-def eval_clips(data, split, context, frames, skip, videos):
-    """The first context+frames frames of the first `videos` videos long enough: (M, T, C, H, W)."""
+def eval_clips(data, split, context, frames, skip, videos, memory=False):
+    """The first context+frames frames of the first `videos` videos long enough: (M, T, C, H, W).
+    With memory=True also the file's memory flags of the predicted frames, (M, frames) bool,
+    or None when the file has none (data_prep.memory_flags)."""
     store = data_prep.VideoStore(data, split)
     span = (context + frames - 1) * skip + 1
     long_enough = [i for i, n in enumerate(store.lengths) if n >= span]
@@ -1219,17 +1238,25 @@ def eval_clips(data, split, context, frames, skip, videos):
         raise RiverError(f"no video in split {split!r} has {span} frames for --context {context} + "
                          f"--frames {frames} (longest: {max(store.lengths)}): ask for fewer frames")
     picks = long_enough[:videos] if videos > 0 else long_enough
-    return to_float(np.stack([store.read(i, 0, span, skip) for i in picks]))
+    clips = to_float(np.stack([store.read(i, 0, span, skip) for i in picks]))
+    if not memory:
+        return clips
+    try:
+        flags = data_prep.memory_flags(data, split)
+    except data_prep.DataError:
+        return clips, None
+    return clips, torch.as_tensor(np.stack([flags[i][context * skip:span:skip] for i in picks]))
 
 
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver="euler",
-             batch=64, seed=0, i3d=None, fvd_context=True):
+             batch=64, seed=0, i3d=None, fvd_context=True, memory=None):
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
     Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
     best-of-N) and for the copy-last-frame baseline, the NFE per frame and seconds per frame;
-    with an I3D also the FVD, over whole clips (fvd_context) or the predicted frames alone.
+    with an I3D also the FVD, over whole clips (fvd_context) or the predicted frames alone;
+    with memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
     steps = model.cfg.sample_steps if steps is None else steps
@@ -1256,6 +1283,9 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     out = {name: {"psnr": float(p.mean()), "ssim": float(s.mean()),
                   "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
            for name, (p, s) in curves.items()}
+    if memory is not None and memory.any():
+        out["memory_frames"] = {name: {"psnr": float(p[memory].mean()), "ssim": float(s[memory].mean()),
+                                       "frames": int(memory.sum())} for name, (p, s) in curves.items()}
     out.update(nfe_per_frame=nfe_per_frame(steps, warm_start, solver), seconds_per_frame=seconds)
     if i3d is not None:
         real = gaussian_fit(i3d_features(i3d, clips if fvd_context else truth))
@@ -1378,8 +1408,11 @@ def check_config(cfg):
     if cfg.clip_frames < 3:
         raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
                          f"got {cfg.clip_frames}")
-    if cfg.conditioning not in ("random", "last", "fixed"):
-        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last or fixed")
+    if cfg.conditioning not in ("random", "last", "fixed", "dense"):
+        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last, fixed "
+                         "or dense")
+    if cfg.dense_frames < 2:
+        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
     if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
         raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
@@ -1760,7 +1793,7 @@ def build_parser():
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
     t.add_argument("--frame-skip", type=int, help="use every k-th frame (preset's default)")
-    t.add_argument("--conditioning", choices=("random", "last", "fixed"),
+    t.add_argument("--conditioning", choices=("random", "last", "fixed", "dense"),
                    help="past frame used as condition: random (paper), last, fixed (ablations)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoints; step counts, batch size, learning "

@@ -275,6 +275,27 @@ def test_sampler_makes_the_official_random_draws_in_the_official_order():
                                                    2 / 3, 2 / 3, 7 / 9, 8 / 9, 1], abs=1e-6)
 
 
+def test_dense_conditioning_sees_the_last_k_frames_at_once():
+    cfg = river.replace(SMALL, conditioning="dense", dense_frames=4)
+    latents = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(2, 6, cfg.latent_dim, 8, 8)
+    cond = river.dense_conditioning(latents, torch.tensor([4, 1]), 4)
+    assert cond.shape == (2, 3 * cfg.latent_dim, 8, 8)
+    assert cond[0, ::cfg.latent_dim, 0, 0].tolist() == [3, 2, 1]  # newest first
+    assert cond[1, ::cfg.latent_dim, 0, 0].tolist() == [0, 0, 0]  # the clip's start repeats
+    model = river.River(cfg).eval()
+    assert model.field.stem.in_channels == 5 * cfg.latent_dim  # x, reference, 3 older frames
+    assert river.flow_loss(model.field, latents, cfg).dim() == 0
+    seen = []
+
+    def spy(x, t, ref, cond, d):
+        seen.append((cond[0, ::cfg.latent_dim, 0, 0].tolist(), d.tolist()))
+        return torch.zeros_like(x)
+
+    model.field.forward = spy
+    model.next_latent(latents, steps=3)
+    assert seen == [([4, 3, 2], [1, 1])] * 3
+
+
 def test_a_single_context_frame_sits_twice_in_the_official_history():
     seen = []
     cfg = river.replace(SMALL, official_history=True, conditioning="random")
@@ -583,3 +604,19 @@ def test_every_third_party_import_is_a_declared_dependency():
                                                                     setup[setup.index("install_requires"):])}
     distribution = {"PIL": "pillow"}  # import name -> package name where they differ
     assert {distribution.get(m, m).lower() for m in third_party} <= declared
+
+
+def test_memory_frames_are_scored_apart(tmp_path):
+    path = str(tmp_path / "occ.h5")
+    data_prep.main(["synthetic", "--kind", "occluder", "--out", path, "--videos", "30",
+                    "--frames", "20"])
+    clips, memory = river.eval_clips(path, "test", 2, 8, 2, 0, memory=True)
+    flags = data_prep.memory_flags(path, "test")
+    assert memory.shape == (len(clips), 8) and memory.any()
+    assert memory[0].tolist() == flags[0][4:19:2].tolist()  # the predicted frames, every 2nd
+    model = river.River(SMALL).eval()
+    out = river.evaluate(model, clips[:, :5], 2, steps=1, memory=memory[:, :3])
+    assert out["memory_frames"]["copy_last"]["frames"] == int(memory[:, :3].sum())
+    balls = str(tmp_path / "balls.h5")
+    data_prep.main(["synthetic", "--out", balls, "--videos", "30", "--frames", "20"])
+    assert river.eval_clips(balls, "test", 2, 3, 1, 0, memory=True)[1] is None
