@@ -1427,36 +1427,35 @@ def ae_fingerprint(state):
     return digest.hexdigest()
 
 
-def check_run(args, cfg):
+def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False):
     """Every check on the run directory, before anything in it changes. Returns the
-    checkpoints a --resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
+    checkpoints a resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
 
-    Without --resume or --force, a checkpoint this command would overwrite is an error; a
-    flow checkpoint must belong to the autoencoder it continues with.
+    Without resume or force, a checkpoint this training would overwrite is an error; a flow
+    checkpoint must belong to the autoencoder it continues with (`ae`: another file's).
     """
-    found = {s: os.path.join(args.run, f"{s}.pt") for s in ("ae", "flow")}
+    found = {s: os.path.join(run, f"{s}.pt") for s in ("ae", "flow")}
     found = {s: p for s, p in found.items() if os.path.exists(p)}
-    trains_ae = "ae" in STAGES[args.stage] and not args.ae
-    writes = [s for s in found if s in STAGES[args.stage] and (s == "flow" or trains_ae)]
+    trains_ae = "ae" in STAGES[stage] and not ae
+    writes = [s for s in found if s in STAGES[stage] and (s == "flow" or trains_ae)]
     if trains_ae and "flow" in found:
         writes = sorted(set(writes) | {"flow"})  # a new autoencoder orphans the flow model
-    if args.force or not writes:
+    if force or not writes:
         return {"ae": None, "flow": None}
     names = " and ".join(os.path.basename(found[s]) for s in writes)
-    if not args.resume:
-        raise RiverError(f"{args.run} already holds {names}: pass --resume to continue training, "
+    if not resume:
+        raise RiverError(f"{run} already holds {names}: pass --resume to continue training, "
                          "or --force to start over (the old files are moved to a dated subfolder)")
-    ckpts = {s: load_checkpoint(found[s], cfg, args.trust_checkpoint) if s in found else None
+    ckpts = {s: load_checkpoint(found[s], cfg, trust) if s in found else None
              for s in ("ae", "flow")}
     if trains_ae and ckpts["flow"] and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
-        raise RiverError(f"training the autoencoder of {args.run} further would leave flow.pt "
+        raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
                          "trained on another autoencoder: pass --force to start over")
-    if ckpts["flow"] and "flow" in STAGES[args.stage]:
-        ae_state = autoencoder_state(args.ae, args.trust_checkpoint) if args.ae else (
-            ckpts["ae"] and ckpts["ae"]["model"])
+    if ckpts["flow"] and "flow" in STAGES[stage]:
+        ae_state = autoencoder_state(ae, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
         if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
             raise RiverError(f"{found['flow']} was trained on another autoencoder than "
-                             f"{args.ae or found['ae']}: pass the same --ae, or --force to start over")
+                             f"{ae or found['ae']}: pass the same --ae, or --force to start over")
     return ckpts
 
 
@@ -1482,30 +1481,38 @@ def prepare_run(run, cfg, force=False, rank=0):
         raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
 
 
-def cmd_train(args):
-    for flag in ("accum", "ckpt_every"):
-        if getattr(args, flag) < 1:
-            raise RiverError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    cfg = make_config(args)
-    ckpts = check_run(args, cfg)
-    device = setup_distributed(pick_device(args.device))
+def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
+          device=None, seed=0, samples=True, **options):
+    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
+    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
+    run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
+    Returns the River (the flow stage's EMA field)."""
+    ckpts = check_run(run, cfg, stage, ae, resume, force, trust)
+    device = setup_distributed(pick_device(device))
     rank, world = dist_info()
-    torch.manual_seed(args.seed + rank)  # per-rank seeds: each rank draws its own batches
-    prepare_run(args.run, cfg, args.force, rank)
+    torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
+    prepare_run(run, cfg, force, rank)
     model = River(cfg).to(device)
-    options = dict(cache_mb=args.cache_mb, accum=args.accum, ckpt_every=args.ckpt_every)
-    if "ae" in STAGES[args.stage] and not args.ae:
-        train_autoencoder(model, cfg, args.data, args.run, device, ckpts["ae"], **options)
-    if "flow" in STAGES[args.stage]:
-        load_autoencoder(model, args.ae or os.path.join(args.run, "ae.pt"), args.trust_checkpoint)
+    if "ae" in STAGES[stage] and not ae:
+        train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
+    if "flow" in STAGES[stage]:
+        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust)
         model.ae.to(device)
-        train_flow(model, cfg, args.data, args.run, device, ckpts["flow"], **options)
-        if rank == 0:
-            clips = eval_clips(args.data, pick_split(args.data, "val"), cfg.context,
+        train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
+        if rank == 0 and samples:
+            clips = eval_clips(data, pick_split(data, "val"), cfg.context,
                                cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
             write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
-                              clips.shape[1] - cfg.context, os.path.join(args.run, "samples"))
-    if rank == 0:
+                              clips.shape[1] - cfg.context, os.path.join(run, "samples"))
+    return model
+
+
+def cmd_train(args):
+    cfg = make_config(args)
+    train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
+          args.trust_checkpoint, args.device, args.seed, cache_mb=args.cache_mb,
+          accum=args.accum, ckpt_every=args.ckpt_every)
+    if dist_info()[0] == 0:
         print(f"run directory: {args.run} (config.json, *.pt, metrics.jsonl, loss.png"
               f"{', samples.gif' if args.stage != 'ae' else ''})")
 
@@ -1608,30 +1615,38 @@ def eval_settings(args, cfg):
 def cmd_eval(args):
     device = pick_device(args.device)
     model = load_river(args.run, device, args.trust_checkpoint)
-    cfg = model.cfg
-    settings = eval_settings(args, cfg)
+    settings = eval_settings(args, model.cfg)
     args.context, args.frames = settings["context"], settings["frames"]
-    context, frames = sampling_lengths(args, cfg)
-    split = pick_split(args.data, args.split)
-    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, settings["videos"])
+    sampling_lengths(args, model.cfg)
     i3d = None
     if args.fvd_i3d:
         try:
             i3d = torch.jit.load(args.fvd_i3d, map_location=device).eval()
         except Exception as e:
             raise RiverError(f"--fvd-i3d {args.fvd_i3d} is not a loadable TorchScript I3D ({e})")
-    steps = cfg.sample_steps if args.steps is None else args.steps
-    warm_start = cfg.warm_start if args.warm_start is None else args.warm_start
-    result = evaluate(model, clips, context, settings["samples"], steps, warm_start, args.solver,
-                      seed=args.seed, i3d=i3d, fvd_context=settings["fvd_context"])
-    result["protocol"] = {"name": args.protocol or "river", "data": args.data, "split": split,
+    out = args.out or os.path.join(args.run if os.path.isdir(args.run) else ".", "eval")
+    return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
+                    args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
+
+
+def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver="euler",
+             seed=0, i3d=None, protocol=None):
+    """Evaluate on a split with the settings of eval_settings; print the table and one JSON
+    line, write out.json and out_psnr.png. Returns the result."""
+    cfg = model.cfg
+    steps = cfg.sample_steps if steps is None else steps
+    warm_start = cfg.warm_start if warm_start is None else warm_start
+    context, frames = settings["context"], settings["frames"]
+    clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
+                               memory=True)
+    result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
+                      seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory)
+    result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
                           "videos": len(clips), "context": context, "predicted": frames,
                           "frame_skip": cfg.frame_skip, "samples": settings["samples"],
                           "report": settings["report"], "fvd_context": settings["fvd_context"],
-                          "seed": args.seed, "steps": steps, "warm_start": warm_start,
-                          "solver": args.solver}
+                          "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver}
     print_eval(result)
-    out = args.out or os.path.join(args.run if os.path.isdir(args.run) else ".", "eval")
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot_per_frame(result, out + "_psnr.png", context)
@@ -1652,7 +1667,10 @@ def print_eval(r):
     for name, label in (("model_mean", "model (mean of samples)"),
                         ("model_best", f"model (best of {p['samples']})"),
                         ("copy_last", "copy last frame")):
-        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}")
+        memory = r.get("memory_frames", {}).get(name)
+        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}" + (
+            f"   memory frames ({memory['frames']}): {memory['psnr']:.2f} {memory['ssim']:.3f}"
+            if memory else ""))
     print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
           "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
                                    "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
@@ -1672,14 +1690,17 @@ def cmd_demo(args):
     if not os.path.exists(data):
         os.makedirs(os.path.dirname(os.path.abspath(data)), exist_ok=True)
         data_prep.write_synthetic(data, seed=args.seed)
-    parse = build_parser().parse_args
-    cmd_train(parse(["train", "--data", data, "--run", run, "--resume", "--seed", str(args.seed)]))
-    context = PRESETS["tiny"].context
-    frames = PRESETS["tiny"].clip_frames - context
-    result = cmd_eval(parse(["eval", "--run", run, "--data", data, "--context", str(context),
-                             "--frames", str(frames), "--videos", "0", "--seed", str(args.seed)]))
-    cmd_sample(parse(["sample", "--run", run, "--data", data, "--num", "6", "--seed", str(args.seed),
-                      "--out", os.path.join(run, "test_predictions.gif")]))
+    cfg = PRESETS["tiny"]
+    model = train(data, run, cfg, resume=True, device=args.device, seed=args.seed).eval()
+    context, frames = cfg.context, cfg.clip_frames - cfg.context
+    settings = dict(context=context, frames=frames, videos=0, samples=1, report="mean",
+                    fvd_context=True)
+    split = pick_split(data, "test")
+    result = run_eval(model, data, split, os.path.join(run, "eval"), settings, seed=args.seed)
+    torch.manual_seed(args.seed)
+    clips = eval_clips(data, split, context, frames, cfg.frame_skip, 6)
+    write_predictions(model, clips[:, :context], clips[:, context:], frames,
+                      os.path.join(run, "test_predictions"))
     gain = result["model_mean"]["psnr"] - result["copy_last"]["psnr"]
     print(f"\ndemo done: the model is {gain:+.2f} dB PSNR over copying the last frame.\nLook at:")
     for name, what in (("test_predictions.gif", "test videos: ground truth left, prediction right"),
@@ -1707,11 +1728,9 @@ def cmd_claims(args):
             model = base  # the run itself is this arm
         else:
             run = os.path.join(args.out, f"cond-{mode}")
-            prepare_run(run, replace(cfg, conditioning=mode, flow_steps=budget))
-            cmd_train(build_parser().parse_args(
-                ["train", "--data", args.data, "--run", run, "--stage", "flow", "--ae",
-                 os.path.join(args.run, "ae.pt"), "--resume", "--seed", str(args.seed)]))
-            model = load_river(run, device)
+            model = train(args.data, run, replace(cfg, conditioning=mode, flow_steps=budget),
+                          "flow", os.path.join(args.run, "ae.pt"), resume=True,
+                          device=args.device, seed=args.seed, samples=False).eval()
         rows[mode] = evaluate(model, clips, context, seed=args.seed)
         if mode == "random":
             base = model  # the steps x warm start grid uses the paper's arm
@@ -1755,6 +1774,14 @@ def claims_table(rows, grid, videos, grid_videos, context, frames, seed, budget)
     return "\n".join(lines) + "\n"
 
 
+def positive(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other user error of river."""
 
@@ -1790,7 +1817,7 @@ def build_parser():
     t.add_argument("--batch-size", type=int, help="clips (flow) or frames (ae) per step and rank")
     t.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
     t.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
-    t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--accum", type=positive, default=1, help="gradient accumulation steps")
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
     t.add_argument("--frame-skip", type=int, help="use every k-th frame (preset's default)")
     t.add_argument("--conditioning", choices=("random", "last", "fixed", "dense"),
@@ -1801,7 +1828,7 @@ def build_parser():
     t.add_argument("--force", action="store_true",
                    help="start over in a run directory that holds checkpoints (they are moved "
                         "to RUN/replaced-<date>/, not deleted)")
-    t.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
+    t.add_argument("--ckpt-every", type=positive, default=250, help="steps between checkpoints")
     t.add_argument("--cache-mb", type=int, default=4096,
                    help="a split up to this size is read into RAM, a larger one streamed")
 

@@ -620,3 +620,17 @@ def test_memory_frames_are_scored_apart(tmp_path):
     balls = str(tmp_path / "balls.h5")
     data_prep.main(["synthetic", "--out", balls, "--videos", "30", "--frames", "20"])
     assert river.eval_clips(balls, "test", 2, 3, 1, 0, memory=True)[1] is None
+
+
+def test_demo_end_to_end_at_a_tiny_budget(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(river.PRESETS, "tiny", river.replace(river.PRESETS["tiny"], ae_steps=2,
+                                                             flow_steps=2, ae_batch=4, flow_batch=4))
+    run = tmp_path / "demo"
+    river.main(["demo", "--data", data, "--run", str(run)])
+    printed = capsys.readouterr().out
+    assert "demo done" in printed and "over copying the last frame" in printed
+    for name in ("test_predictions.gif", "test_predictions.png", "eval.json", "eval_psnr.png",
+                 "loss.png", "samples.gif"):
+        assert (run / name).exists(), name
+    river.main(["demo", "--data", data, "--run", str(run)])  # again: finished steps are kept
+    assert torch.load(run / "flow.pt", weights_only=True)["step"] == 2
