@@ -236,18 +236,22 @@ def euler_step_reference_(x, v, dt):
     return x.add_(v, alpha=dt)
 
 
-def _cuda_build_possible():
-    from torch.utils.cpp_extension import CUDA_HOME
-    return (torch.version.cuda is not None and CUDA_HOME is not None
-            and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")))
+def csrc_build():
+    """csrc/build.py: the sources and flags of the extension, shared with setup.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("river_build", os.path.join(CSRC, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
 
 
 @functools.cache
 def load_kernels():
     """Load the csrc/ extension; return True when torch.ops.river.* are usable.
 
-    Order: an installed build (pip install -e . / setup.py build_ext --inplace), then a
-    JIT build with ninja into torch's extension cache. Failure warns once and returns False.
+    Order: an installed build (pip install -e . / setup.py build_ext --inplace) if it was
+    built from the current csrc/ sources, else a JIT build of them with ninja into torch's
+    extension cache (which rebuilds when they change). Failure warns once and returns False.
     """
     mode = os.environ.get("RIVER_KERNELS", "auto")
     if mode not in ("auto", "ref", "ext"):
@@ -255,26 +259,22 @@ def load_kernels():
     if mode == "ref":
         return False
     try:
-        try:
-            import river_kernels  # noqa: F401  (built by setup.py; registers the ops)
-        except ImportError:
-            import glob
-            import site
+        import importlib.util
+        build, installed = csrc_build(), importlib.util.find_spec("river_kernels")
+        if installed and build.built_hash(installed.origin) == build.source_hash():
+            import river_kernels  # noqa: F401  (registers the ops)
+        else:
+            if installed:
+                warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
+                              "compiling the current ones (pip install --no-build-isolation -e . "
+                              "rebuilds the installed copy)")
             from torch.utils.cpp_extension import load
-            sources, includes = [os.path.join(CSRC, "river_ops.cpp")], []
-            if _cuda_build_possible():
-                sources += [os.path.join(CSRC, f) for f in
-                            ("river_ops_cuda.cpp", "euler_step.cu", "vq_nearest.cu")]
-                # ATen's CUDA headers want cusparse.h/cublas_v2.h from the pip CUDA wheels
-                includes = sorted(glob.glob(os.path.join(site.getsitepackages()[0], "nvidia",
-                                                         "*", "include")))
-            # -fopenmp: at::parallel_for is an OpenMP pragma; without it the kernels use one core
-            omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+            args = build.extension_args(build.want_cuda())
             print("river: compiling the csrc/ kernels (about a minute, once per machine)",
                   file=sys.stderr)
-            load(name="river_kernels", sources=sources, is_python_module=False,
-                 extra_cflags=["-O3", *omp], extra_ldflags=omp, extra_cuda_cflags=["-O3"],
-                 extra_include_paths=includes, verbose=False)
+            load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
+                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
+                 extra_ldflags=args["ldflags"], is_python_module=False)
         _register_fakes()
         return True
     except Exception as e:  # no compiler, no ninja, a broken toolchain...

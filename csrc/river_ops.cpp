@@ -51,12 +51,20 @@
 
 #include "river_checks.h"
 
+#define RIVER_STR_(x) #x
+#define RIVER_STR(x) RIVER_STR_(x)
+
+// The SHA-256 of csrc/ this library was built from (csrc/build.py passes it), kept as a
+// plain string in the binary: river.py reads it from the file to tell a stale build.
+#ifdef RIVER_SOURCE_HASH
+extern "C" __attribute__((used)) const char river_source_hash[] =
+    "river-source-hash:" RIVER_STR(RIVER_SOURCE_HASH);
+#endif
+
 // `import river_kernels` (the setup.py build) needs a module init; the ops register when
 // the library is loaded, so the module itself is empty. A JIT build loaded with
 // is_python_module=False never calls it.
 #ifdef TORCH_EXTENSION_NAME
-#define RIVER_STR_(x) #x
-#define RIVER_STR(x) RIVER_STR_(x)
 #define RIVER_CAT_(a, b) a##b
 #define RIVER_CAT(a, b) RIVER_CAT_(a, b)
 PyMODINIT_FUNC RIVER_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {

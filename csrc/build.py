@@ -1,0 +1,102 @@
+"""How csrc/ is built: the one description that setup.py and river.py's JIT loader share.
+
+Both build the extension `river_kernels` from the same sources with the same flags, by
+calling `extension_args()`. The sources' SHA-256 (`source_hash()`) is compiled into the
+library as the string "river-source-hash:<hex>", so river.py can tell a build made from
+other sources (an edited csrc/) from a current one without loading it (`built_hash()`).
+
+Flags, and why:
+    -O3                  the CPU loops rely on the vectoriser.
+    -fopenmp             at::parallel_for is an inline `#pragma omp parallel`: without it the
+                         kernels run on one core. Links libgomp.so.1, the runtime torch loads.
+    no -march=native     a built module must run on any x86-64; river_ops.cpp carries its own
+                         AVX2 and AVX-512 copies of the inner kernels and picks one at run time.
+    -DRIVER_SOURCE_HASH  the sources' hash (see above).
+
+Environment knobs: RIVER_NO_CUDA=1 builds the CPU extension even where CUDA could be built;
+CUDA_HOME names the toolkit (see guess_cuda_home); TORCH_CUDA_ARCH_LIST the GPU architectures.
+Nothing here imports torch at import time: setup.py must load this file without it.
+"""
+import glob
+import hashlib
+import os
+import shutil
+import site
+import sys
+
+CSRC = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = ["river_ops.cpp"]
+CUDA_SOURCES = ["river_ops_cuda.cpp", "euler_step.cu", "vq_nearest.cu"]
+HASH_TAG = b"river-source-hash:"
+
+
+def source_hash():
+    """SHA-256 over every source and header in csrc/ (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
+        if path.endswith((".cpp", ".cu", ".h", ".cuh")):
+            digest.update(os.path.basename(path).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def built_hash(library):
+    """The source hash compiled into a built library file, or None if it carries none."""
+    with open(library, "rb") as f:
+        data = f.read()
+    at = data.find(HASH_TAG)
+    return data[at + len(HASH_TAG):at + len(HASH_TAG) + 64].decode() if at >= 0 else None
+
+
+def guess_cuda_home():
+    """Set CUDA_HOME to /usr/local/cuda when torch would guess wrong. Torch takes the parent of
+    `which nvcc`'s directory; a wrapper script such as /usr/local/bin/nvcc then yields
+    /usr/local, which has no CUDA headers. Must run before torch.utils.cpp_extension loads."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    fallback = "/usr/local/cuda"
+    if (guess and not has_cuda_headers(guess) and has_cuda_headers(fallback)):
+        print(f"river: nvcc at {nvcc} is not inside a CUDA toolkit; using CUDA_HOME={fallback}",
+              file=sys.stderr)
+        os.environ["CUDA_HOME"] = fallback
+
+
+def has_cuda_headers(root):
+    return bool(root) and os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h"))
+
+
+def want_cuda():
+    """Build the CUDA kernels too: torch has CUDA, a toolkit with headers is found, and
+    RIVER_NO_CUDA is not set. Imports torch (call only when building)."""
+    import torch
+    if torch.version.cuda is None or os.environ.get("RIVER_NO_CUDA") == "1":
+        return False
+    guess_cuda_home()
+    from torch.utils.cpp_extension import CUDA_HOME
+    return has_cuda_headers(CUDA_HOME)
+
+
+def cuda_include_dirs():
+    """Headers of the pip CUDA wheels (nvidia/cu13/include, nvidia/*/include): ATen/cuda
+    headers include cublas_v2.h and cusparse.h, which a bare toolkit may lack."""
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    return sorted(d for root in roots for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))
+                  if os.path.isdir(d))
+
+
+def extension_args(cuda, relative_to=None):
+    """Sources and flags of river_kernels, as keyword arguments shared by setup.py's
+    CppExtension/CUDAExtension and torch.utils.cpp_extension.load: sources (relative to
+    `relative_to` when given: setuptools wants paths relative to setup.py), cxx and nvcc
+    flags, include directories and linker flags."""
+    names = CPU_SOURCES + (CUDA_SOURCES if cuda else [])
+    sources = [os.path.join(CSRC, n) for n in names]
+    if relative_to:
+        sources = [os.path.relpath(s, relative_to) for s in sources]
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    define = f"-DRIVER_SOURCE_HASH={source_hash()}"  # river_ops.cpp makes it a string
+    return {"sources": sources, "cxx": ["-O3", *omp, define], "nvcc": ["-O3", define],
+            "include_dirs": cuda_include_dirs() if cuda else [], "ldflags": omp}
