@@ -24,6 +24,7 @@
 //   another process does less of the work instead of holding up the call.
 // x86-64 builds carry a default and an AVX2+FMA+F16C copy of each inner kernel, picked at
 // run time, so a wheel built here runs on any x86-64 and still uses AVX2 where it exists.
+// torch.ops.river.set_cpu_isa("default" | "avx2" | "auto") forces a copy (tests, benchmarks).
 //
 // Napkin math (river's dev machine: 2 AMD EPYC cores at ~2.45 GHz, AVX2, no AVX-512):
 //   vq_nearest  2*N*K*D FLOPs; peak ~ 2 cores x 2 FMA pipes x 8 lanes x 2 x 2.45 GHz =
@@ -47,6 +48,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "river_checks.h"
@@ -70,23 +72,68 @@ PyMODINIT_FUNC RIVER_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
 TORCH_LIBRARY(river, m) {
   m.def("vq_nearest(Tensor z, Tensor codebook) -> (Tensor, Tensor)");
   m.def("euler_step_(Tensor(a!) x, Tensor v, float dt) -> ()");
+  // which copy of the CPU inner kernels runs; see river::set_cpu_isa below
+  m.def("set_cpu_isa(str isa) -> str");
 }
 
 namespace river {
 namespace {
 
-// Each inner kernel is written once as an always-inline body and compiled twice: plainly
-// and under target("avx2,fma,f16c"); has_avx2() picks one at run time.
+// Each inner kernel is written once as an always-inline body and compiled once per
+// instruction set under __attribute__((target(...))); cpu_isa() picks the copy at run time.
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define RIVER_X86_DISPATCH 1
 #define RIVER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return yes;
-}
 #endif
+
+// The CPU instruction sets that inner kernels have copies for, narrowest first. A kernel
+// without a copy for the selected set runs its widest copy below it.
+enum class Isa : int { base = 0, avx2 = 1 };
+constexpr const char* ISA_NAMES[] = {"default", "avx2"};
+constexpr int ISA_COUNT = sizeof(ISA_NAMES) / sizeof(ISA_NAMES[0]);
+
+// The widest set this CPU (and OS: __builtin_cpu_supports checks the saved register
+// state too) can run. Asked on first use, not at load time: libgcc's CPU probe must have
+// run first.
+Isa best_isa() {
+  static const Isa best = [] {
+#ifdef RIVER_X86_DISPATCH
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      return Isa::avx2;
+#endif
+    return Isa::base;
+  }();
+  return best;
+}
+
+std::atomic<Isa>& selected_isa() {
+  static std::atomic<Isa> isa{best_isa()};
+  return isa;
+}
+
+Isa cpu_isa() { return selected_isa().load(std::memory_order_relaxed); }
+
+// torch.ops.river.set_cpu_isa(name): from now on, every CPU call of the ops in this process
+// uses the copies of its inner kernels for `name` ("default", "avx2"), or the best this CPU
+// has ("auto", the setting at load time). Returns the name of the set in use. A set the
+// CPU cannot run is an error, not a silent fallback. For tests and benchmarks.
+std::string set_cpu_isa(const std::string& name) {
+  int want = -1;
+  for (int i = 0; i < ISA_COUNT; ++i)
+    if (name == ISA_NAMES[i]) want = i;
+  std::string choices = "auto";
+  for (int i = 0; i <= int(best_isa()); ++i) choices = choices + ", " + ISA_NAMES[i];
+  TORCH_CHECK(name == "auto" || want >= 0, "set_cpu_isa: unknown instruction set '", name,
+              "'; this CPU can run: ", choices);
+  TORCH_CHECK(want <= int(best_isa()), "set_cpu_isa: this CPU cannot run ", name,
+              "; it can run: ", choices);
+  const Isa isa = name == "auto" ? best_isa() : Isa(want);
+  selected_isa().store(isa);
+  return ISA_NAMES[int(isa)];
+}
+
 #define RIVER_INLINE inline __attribute__((always_inline))
 
 // fn(c) for every chunk c in [0, chunks) on torch's intra-op threads (at::parallel_for,
@@ -149,7 +196,7 @@ template <typename T>
 void euler_step_typed(T* x, const T* v, float dt, int64_t n) {
   auto range = &euler_range_default<T>;
 #ifdef RIVER_X86_DISPATCH
-  if (has_avx2()) range = &euler_range_avx2<T>;
+  if (cpu_isa() >= Isa::avx2) range = &euler_range_avx2<T>;
 #endif
   // chunks of 32K elements (384 KB of float32 traffic), torch's own grain for pointwise
   // ops: below that, waking a second core costs more than it saves
@@ -320,7 +367,7 @@ void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, i
   const PackedCodebook cb = pack_codebook(e, K, D);
   auto chunk = &vq_chunk_default<T>;
 #ifdef RIVER_X86_DISPATCH
-  if (has_avx2()) chunk = &vq_chunk_avx2<T>;
+  if (cpu_isa() >= Isa::avx2) chunk = &vq_chunk_avx2<T>;
 #endif
   // a problem under ~100K FLOPs is not worth waking a second core for
   parallel_chunks((N + NC - 1) / NC, 2 * N * K * D < 100000, [&](int64_t c) {
@@ -358,6 +405,9 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in,
 }  // namespace
 
 }  // namespace river
+
+// set_cpu_isa has no tensor arguments to dispatch on: one kernel for every backend
+TORCH_LIBRARY_IMPL(river, CatchAll, m) { m.impl("set_cpu_isa", &river::set_cpu_isa); }
 
 TORCH_LIBRARY_IMPL(river, CPU, m) {
   m.impl("vq_nearest", &river::vq_nearest_cpu);
