@@ -24,7 +24,8 @@
 //   another process does less of the work instead of holding up the call.
 // x86-64 builds carry a default and an AVX2+FMA+F16C copy of each inner kernel, picked at
 // run time, so a wheel built here runs on any x86-64 and still uses AVX2 where it exists.
-// torch.ops.river.set_cpu_isa("default" | "avx2" | "auto") forces a copy (tests, benchmarks).
+// vq_nearest also has an AVX-512 copy (W=16 codes per panel).
+// torch.ops.river.set_cpu_isa("default" | "avx2" | "avx512" | "auto") forces a copy.
 //
 // Napkin math (river's dev machine: 2 AMD EPYC cores at ~2.45 GHz, AVX2, no AVX-512):
 //   vq_nearest  2*N*K*D FLOPs; peak ~ 2 cores x 2 FMA pipes x 8 lanes x 2 x 2.45 GHz =
@@ -85,12 +86,14 @@ namespace {
 #include <immintrin.h>
 #define RIVER_X86_DISPATCH 1
 #define RIVER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RIVER_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
 
 // The CPU instruction sets that inner kernels have copies for, narrowest first. A kernel
 // without a copy for the selected set runs its widest copy below it.
-enum class Isa : int { base = 0, avx2 = 1 };
-constexpr const char* ISA_NAMES[] = {"default", "avx2"};
+enum class Isa : int { base = 0, avx2 = 1, avx512 = 2 };
+constexpr const char* ISA_NAMES[] = {"default", "avx2", "avx512"};
 constexpr int ISA_COUNT = sizeof(ISA_NAMES) / sizeof(ISA_NAMES[0]);
 
 // The widest set this CPU (and OS: __builtin_cpu_supports checks the saved register
@@ -99,9 +102,12 @@ constexpr int ISA_COUNT = sizeof(ISA_NAMES) / sizeof(ISA_NAMES[0]);
 Isa best_isa() {
   static const Isa best = [] {
 #ifdef RIVER_X86_DISPATCH
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-      return Isa::avx2;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Isa::avx512;
+    if (avx2) return Isa::avx2;
 #endif
     return Isa::base;
   }();
@@ -116,9 +122,9 @@ std::atomic<Isa>& selected_isa() {
 Isa cpu_isa() { return selected_isa().load(std::memory_order_relaxed); }
 
 // torch.ops.river.set_cpu_isa(name): from now on, every CPU call of the ops in this process
-// uses the copies of its inner kernels for `name` ("default", "avx2"), or the best this CPU
-// has ("auto", the setting at load time). Returns the name of the set in use. A set the
-// CPU cannot run is an error, not a silent fallback. For tests and benchmarks.
+// uses the copies of its inner kernels for `name` ("default", "avx2", "avx512"), or the
+// best this CPU has ("auto", the setting at load time). Returns the name of the set in use.
+// A set the CPU cannot run is an error, not a silent fallback. For tests and benchmarks.
 std::string set_cpu_isa(const std::string& name) {
   int want = -1;
   for (int i = 0; i < ISA_COUNT; ++i)
@@ -227,22 +233,24 @@ void euler_step_cpu(at::Tensor& x, const at::Tensor& v, double dt) {
 // vq_nearest: argmin_k ||z_n - e_k||^2
 // ---------------------------------------------------------------------------------------
 
-constexpr int W = 8;     // codes per panel: one AVX2 register of float32
 constexpr int R = 4;     // vectors per micro-kernel call (R accumulators of W lanes)
 constexpr int NC = 256;  // vectors per chunk: the unit of work of one core
 constexpr int64_t TILE_BYTES = 16 * 1024;  // panels swept per tile: half of a core's L1d
 
-// The codebook packed for the micro-kernel: panel p holds codes [p*W, p*W + W) as a
-// (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes have norm +inf: they never win.
+// The codebook packed for the micro-kernel, W codes per panel (W = one vector register of
+// float32: 8 for AVX2 and the default copy, 16 for AVX-512): panel p holds codes
+// [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes have
+// norm +inf: they never win.
+template <int W>
 struct PackedCodebook {
   int64_t D, K, panels;
   std::vector<float> data;   // (panels, D, W)
   std::vector<float> norms;  // (panels * W)
 };
 
-template <typename T>
-PackedCodebook pack_codebook(const T* e, int64_t K, int64_t D) {
-  PackedCodebook cb{D, K, (K + W - 1) / W, {}, {}};
+template <int W, typename T>
+PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
+  PackedCodebook<W> cb{D, K, (K + W - 1) / W, {}, {}};
   cb.data.assign(cb.panels * D * W, 0.f);
   cb.norms.assign(cb.panels * W, std::numeric_limits<float>::infinity());
   for (int64_t k = 0; k < K; ++k) {
@@ -258,12 +266,17 @@ PackedCodebook pack_codebook(const T* e, int64_t K, int64_t D) {
   return cb;
 }
 
-// GCC/Clang vector types: one AVX2 register (or two SSE registers in the default build).
-// They never cross a call boundary (all users are inlined), so GCC's note that passing them
-// by value changes the ABI without AVX does not apply.
+// GCC/Clang vector types of W lanes: one AVX2 or AVX-512 register (or several SSE
+// registers in the default copy). They never cross a call boundary (all users are
+// inlined), so GCC's note that passing them by value changes the ABI does not apply.
+// (Typedefs in a class template: GCC drops vector_size on an alias template.)
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32xW __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t i32xW __attribute__((vector_size(W * sizeof(int32_t))));
+template <int W>
+struct Lanes {
+  typedef float f32 __attribute__((vector_size(W * sizeof(float))));
+  typedef int32_t i32 __attribute__((vector_size(W * sizeof(int32_t))));
+  static_assert(sizeof(f32) == W * sizeof(float) && sizeof(i32) == sizeof(f32));
+};
 
 // unaligned loads and stores of W lanes (memcpy compiles to one vmovups)
 template <typename V, typename S>
@@ -277,29 +290,32 @@ RIVER_INLINE void store_w(S* p, const V& v) { __builtin_memcpy(p, &v, sizeof(v))
 
 // One micro-kernel call: R vectors (rows of zm2 = -2 z, D apart) against panels [p0, p1).
 // best/arg hold each (vector, lane)'s running minimum of ||e||^2 - 2 z.e and its panel.
-RIVER_INLINE void vq_micro(const float* __restrict zm2, int64_t D, const PackedCodebook& cb,
+template <int W>
+RIVER_INLINE void vq_micro(const float* __restrict zm2, int64_t D, const PackedCodebook<W>& cb,
                            int64_t p0, int64_t p1, float* __restrict best_io,
                            int32_t* __restrict arg_io) {
-  f32xW best[R];
-  i32xW arg[R];
+  typedef typename Lanes<W>::f32 f32v;
+  typedef typename Lanes<W>::i32 i32v;
+  f32v best[R];
+  i32v arg[R];
   for (int r = 0; r < R; ++r) {
-    best[r] = load_w<f32xW>(best_io + r * W);
-    arg[r] = load_w<i32xW>(arg_io + r * W);
+    best[r] = load_w<f32v>(best_io + r * W);
+    arg[r] = load_w<i32v>(arg_io + r * W);
   }
   const float* panel = cb.data.data() + p0 * D * W;
   for (int64_t p = p0; p < p1; ++p, panel += D * W) {
-    const f32xW norms = load_w<f32xW>(cb.norms.data() + p * W);
-    f32xW acc[R];
+    const f32v norms = load_w<f32v>(cb.norms.data() + p * W);
+    f32v acc[R];
     for (int r = 0; r < R; ++r) acc[r] = norms;
     // acc[r] = ||e_j||^2 - 2 z_r . e_j for the W codes j of this panel
     for (int64_t d = 0; d < D; ++d) {
-      const f32xW e = load_w<f32xW>(panel + d * W);
+      const f32v e = load_w<f32v>(panel + d * W);
       for (int r = 0; r < R; ++r) acc[r] += zm2[r * D + d] * e;
     }
     // strict < keeps the earlier code on a tie, so each lane holds its lowest index
-    const i32xW here = i32xW{} + int32_t(p);
+    const i32v here = i32v{} + int32_t(p);
     for (int r = 0; r < R; ++r) {
-      const i32xW lt = acc[r] < best[r];
+      const i32v lt = acc[r] < best[r];
       best[r] = lt ? acc[r] : best[r];
       arg[r] = lt ? here : arg[r];
     }
@@ -311,8 +327,8 @@ RIVER_INLINE void vq_micro(const float* __restrict zm2, int64_t D, const PackedC
 }
 
 // A chunk of n <= NC vectors z (n, D) against the whole packed codebook.
-template <typename T>
-RIVER_INLINE void vq_chunk(const T* z, int64_t n, const PackedCodebook& cb, int64_t* idx_out,
+template <int W, typename T>
+RIVER_INLINE void vq_chunk(const T* z, int64_t n, const PackedCodebook<W>& cb, int64_t* idx_out,
                            T* dist_out) {
   const int64_t D = cb.D;
   const int64_t rows = (n + R - 1) / R * R;  // padded with zero vectors, results dropped
@@ -349,31 +365,46 @@ RIVER_INLINE void vq_chunk(const T* z, int64_t n, const PackedCodebook& cb, int6
 }
 
 template <typename T>
-void vq_chunk_default(const T* z, int64_t n, const PackedCodebook& cb, int64_t* idx, T* dist) {
+void vq_chunk_default(const T* z, int64_t n, const PackedCodebook<8>& cb, int64_t* idx, T* dist) {
   vq_chunk(z, n, cb, idx, dist);
 }
 
 #ifdef RIVER_X86_DISPATCH
 template <typename T>
-RIVER_TARGET_AVX2 void vq_chunk_avx2(const T* z, int64_t n, const PackedCodebook& cb,
+RIVER_TARGET_AVX2 void vq_chunk_avx2(const T* z, int64_t n, const PackedCodebook<8>& cb,
                                      int64_t* idx, T* dist) {
   vq_chunk(z, n, cb, idx, dist);
 }
-#endif
 
 template <typename T>
-void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, int64_t* idx,
-                      T* dist) {
-  const PackedCodebook cb = pack_codebook(e, K, D);
-  auto chunk = &vq_chunk_default<T>;
-#ifdef RIVER_X86_DISPATCH
-  if (cpu_isa() >= Isa::avx2) chunk = &vq_chunk_avx2<T>;
+RIVER_TARGET_AVX512 void vq_chunk_avx512(const T* z, int64_t n, const PackedCodebook<16>& cb,
+                                         int64_t* idx, T* dist) {
+  vq_chunk(z, n, cb, idx, dist);
+}
 #endif
+
+// Packs the codebook W codes per panel and runs `chunk` on every chunk of NC vectors.
+template <int W, typename T, typename Chunk>
+void vq_nearest_with(Chunk chunk, const T* z, const T* e, int64_t N, int64_t K, int64_t D,
+                     int64_t* idx, T* dist) {
+  const PackedCodebook<W> cb = pack_codebook<W>(e, K, D);
   // a problem under ~100K FLOPs is not worth waking a second core for
   parallel_chunks((N + NC - 1) / NC, 2 * N * K * D < 100000, [&](int64_t c) {
     const int64_t n0 = c * NC, n = std::min<int64_t>(NC, N - n0);
     chunk(z + n0 * D, n, cb, idx + n0, dist + n0);
   });
+}
+
+template <typename T>
+void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, int64_t* idx,
+                      T* dist) {
+#ifdef RIVER_X86_DISPATCH
+  if (cpu_isa() >= Isa::avx512)
+    return vq_nearest_with<16>(&vq_chunk_avx512<T>, z, e, N, K, D, idx, dist);
+  if (cpu_isa() >= Isa::avx2)
+    return vq_nearest_with<8>(&vq_chunk_avx2<T>, z, e, N, K, D, idx, dist);
+#endif
+  vq_nearest_with<8>(&vq_chunk_default<T>, z, e, N, K, D, idx, dist);
 }
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in,

@@ -23,7 +23,7 @@ import river  # noqa: E402
 # The CPU kernels carry one copy of their inner loops per instruction set and pick one at
 # run time; torch.ops.river.set_cpu_isa forces a copy. Every CPU test runs once per copy,
 # and a copy this CPU cannot run is skipped with the op's reason (pytest -rs shows it).
-CPU_ISAS = ["default", "avx2"]
+CPU_ISAS = ["default", "avx2", "avx512"]
 DEVICES = [f"cpu-{isa}" for isa in CPU_ISAS] + [pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -237,7 +237,8 @@ def test_device_mismatch():
 # ---------------------------------------------------------------------------------------
 
 # what each copy needs, in /proc/cpuinfo's words
-ISA_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"}}
+ISA_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
+             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 
 
 def cpu_flags():
