@@ -233,9 +233,10 @@ void euler_step_cpu(at::Tensor& x, const at::Tensor& v, double dt) {
 // vq_nearest: argmin_k ||z_n - e_k||^2
 // ---------------------------------------------------------------------------------------
 
-constexpr int R = 4;     // vectors per micro-kernel call (R accumulators of W lanes)
-constexpr int NC = 256;  // vectors per chunk: the unit of work of one core
-constexpr int64_t TILE_BYTES = 16 * 1024;  // panels swept per tile: half of a core's L1d
+constexpr int R = 4;         // vectors per micro-kernel call (R accumulators of W lanes)
+constexpr int NC_MAX = 128;  // most vectors per chunk, the unit of work of one core
+// panels swept per tile: half of a 32 KB L1d (AMD Zen), a third of a 48 KB one (Intel)
+constexpr int64_t TILE_BYTES = 16 * 1024;
 
 // The codebook packed for the micro-kernel, W codes per panel (W = one vector register of
 // float32: 8 for AVX2 and the default copy, 16 for AVX-512): panel p holds codes
@@ -266,132 +267,186 @@ PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
   return cb;
 }
 
-// GCC/Clang vector types of W lanes: one AVX2 or AVX-512 register (or several SSE
-// registers in the default copy). They never cross a call boundary (all users are
-// inlined), so GCC's note that passing them by value changes the ABI does not apply.
-// (Typedefs in a class template: GCC drops vector_size on an alias template.)
+// GCC/Clang vector type of W lanes of S: one AVX2 or AVX-512 register (or several SSE
+// registers in the default copy). (A typedef in a class template: GCC drops vector_size on
+// an alias template.) They never cross a call boundary (all users are inlined), so GCC's
+// note that passing them by value changes the ABI does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-template <int W>
-struct Lanes {
-  typedef float f32 __attribute__((vector_size(W * sizeof(float))));
-  typedef int32_t i32 __attribute__((vector_size(W * sizeof(int32_t))));
-  static_assert(sizeof(f32) == W * sizeof(float) && sizeof(i32) == sizeof(f32));
+template <typename S, int W>
+struct Vec {
+  typedef S type __attribute__((vector_size(W * sizeof(S))));
+  static_assert(sizeof(type) == W * sizeof(S));
 };
 
-// unaligned loads and stores of W lanes (memcpy compiles to one vmovups)
+// unaligned loads and stores of a whole vector (memcpy compiles to one vmovups)
 template <typename V, typename S>
-RIVER_INLINE V load_w(const S* p) {
+RIVER_INLINE V load_v(const S* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 template <typename V, typename S>
-RIVER_INLINE void store_w(S* p, const V& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+RIVER_INLINE void store_v(S* p, const V& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// The smallest of the W lanes of v: halves folded onto each other, log2(W) vector mins.
+template <typename S, int W>
+RIVER_INLINE S min_lane(const typename Vec<S, W>::type& v) {
+  if constexpr (W > 4) {
+    typedef typename Vec<S, W / 2>::type Half;
+    const Half lo = load_v<Half>(reinterpret_cast<const S*>(&v));
+    const Half hi = load_v<Half>(reinterpret_cast<const S*>(&v) + W / 2);
+    return min_lane<S, W / 2>(hi < lo ? hi : lo);
+  } else {
+    S m = v[0];
+    for (int j = 1; j < W; ++j) m = v[j] < m ? v[j] : m;
+    return m;
+  }
+}
 
 // One micro-kernel call: R vectors (rows of zm2 = -2 z, D apart) against panels [p0, p1).
 // best/arg hold each (vector, lane)'s running minimum of ||e||^2 - 2 z.e and its panel.
-template <int W>
-RIVER_INLINE void vq_micro(const float* __restrict zm2, int64_t D, const PackedCodebook<W>& cb,
+// DC > 0 is D known at compile time: the loop over d unrolls, and the R*D broadcasts of z
+// are made once per call instead of once per panel.
+template <int W, int DC>
+RIVER_INLINE void vq_micro(const float* __restrict zm2, int64_t D_, const PackedCodebook<W>& cb,
                            int64_t p0, int64_t p1, float* __restrict best_io,
                            int32_t* __restrict arg_io) {
-  typedef typename Lanes<W>::f32 f32v;
-  typedef typename Lanes<W>::i32 i32v;
+  typedef typename Vec<float, W>::type f32v;
+  typedef typename Vec<int32_t, W>::type i32v;
+  const int64_t D = DC > 0 ? DC : D_;
   f32v best[R];
   i32v arg[R];
   for (int r = 0; r < R; ++r) {
-    best[r] = load_w<f32v>(best_io + r * W);
-    arg[r] = load_w<i32v>(arg_io + r * W);
+    best[r] = load_v<f32v>(best_io + r * W);
+    arg[r] = load_v<i32v>(arg_io + r * W);
   }
   const float* panel = cb.data.data() + p0 * D * W;
-  for (int64_t p = p0; p < p1; ++p, panel += D * W) {
-    const f32v norms = load_w<f32v>(cb.norms.data() + p * W);
+  i32v here = i32v{} + int32_t(p0);
+  for (int64_t p = p0; p < p1; ++p, panel += D * W, here += 1) {
+    const f32v norms = load_v<f32v>(cb.norms.data() + p * W);
     f32v acc[R];
     for (int r = 0; r < R; ++r) acc[r] = norms;
     // acc[r] = ||e_j||^2 - 2 z_r . e_j for the W codes j of this panel
     for (int64_t d = 0; d < D; ++d) {
-      const f32v e = load_w<f32v>(panel + d * W);
+      const f32v e = load_v<f32v>(panel + d * W);
       for (int r = 0; r < R; ++r) acc[r] += zm2[r * D + d] * e;
     }
-    // strict < keeps the earlier code on a tie, so each lane holds its lowest index
-    const i32v here = i32v{} + int32_t(p);
+    // strict < keeps the earlier code on a tie, so each lane holds its lowest index. The
+    // mask comes from comparing the new minimum (one vminps) with the old: blending floats
+    // by the compare instead costs 3 micro-ops per blend on Intel cores without AVX-512
     for (int r = 0; r < R; ++r) {
-      const i32v lt = acc[r] < best[r];
-      best[r] = lt ? acc[r] : best[r];
+      const f32v m = acc[r] < best[r] ? acc[r] : best[r];
+      const i32v lt = m != best[r];
+      best[r] = m;
       arg[r] = lt ? here : arg[r];
     }
   }
   for (int r = 0; r < R; ++r) {
-    store_w(best_io + r * W, best[r]);
-    store_w(arg_io + r * W, arg[r]);
+    store_v(best_io + r * W, best[r]);
+    store_v(arg_io + r * W, arg[r]);
   }
 }
 
-// A chunk of n <= NC vectors z (n, D) against the whole packed codebook.
-template <int W, typename T>
-RIVER_INLINE void vq_chunk(const T* z, int64_t n, const PackedCodebook<W>& cb, int64_t* idx_out,
-                           T* dist_out) {
-  const int64_t D = cb.D;
-  const int64_t rows = (n + R - 1) / R * R;  // padded with zero vectors, results dropped
-  std::vector<float> zm2(rows * D, 0.f);
-  std::vector<float> best(rows * W, std::numeric_limits<float>::infinity());
-  std::vector<int32_t> arg(rows * W, 0);
-  for (int64_t i = 0; i < n * D; ++i) zm2[i] = -2.f * static_cast<float>(z[i]);
-
-  const int64_t tile = std::max<int64_t>(1, TILE_BYTES / ((D + 1) * W * int64_t(sizeof(float))));
-  for (int64_t p0 = 0; p0 < cb.panels; p0 += tile) {
-    const int64_t p1 = std::min(cb.panels, p0 + tile);
+// rows <= NC_MAX vectors (a multiple of R), given as zm2 = -2 z (rows, D), against the
+// whole packed codebook: val[i] = min_k ||e_k||^2 - 2 z_i.e_k and code[i] = its k, the
+// lowest k on ties.
+template <int W, int DC>
+RIVER_INLINE void vq_rows(const float* zm2, int64_t rows, const PackedCodebook<W>& cb,
+                          float* val, int64_t* code) {
+  typedef typename Vec<float, W>::type f32v;
+  typedef typename Vec<uint32_t, W>::type u32v;
+  alignas(64) float best[NC_MAX * W];
+  alignas(64) int32_t arg[NC_MAX * W];
+  std::fill_n(best, rows * W, std::numeric_limits<float>::infinity());
+  std::fill_n(arg, rows * W, 0);
+  // the panels in equal tiles of at most TILE_BYTES, each swept by all rows while in L1
+  const int64_t per_tile = std::max<int64_t>(1, TILE_BYTES / ((cb.D + 1) * W * 4));
+  const int64_t tiles = (cb.panels + per_tile - 1) / per_tile;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t p0 = cb.panels * t / tiles, p1 = cb.panels * (t + 1) / tiles;
     for (int64_t r0 = 0; r0 < rows; r0 += R)
-      vq_micro(zm2.data() + r0 * D, D, cb, p0, p1, best.data() + r0 * W, arg.data() + r0 * W);
+      vq_micro<W, DC>(zm2 + r0 * cb.D, cb.D, cb, p0, p1, best + r0 * W, arg + r0 * W);
   }
-
-  // reduce over lanes: the smallest value, then the lowest code index among equals
-  for (int64_t i = 0; i < n; ++i) {
-    float b = std::numeric_limits<float>::infinity();
-    int64_t k = 0;
-    for (int j = 0; j < W; ++j) {
-      const float val = best[i * W + j];
-      const int64_t code = int64_t(arg[i * W + j]) * W + j;
-      if (val < b || (val == b && code < k)) {
-        b = val;
-        k = code;
-      }
-    }
-    float z2 = 0.f;
-    for (int64_t d = 0; d < D; ++d) z2 += 0.25f * zm2[i * D + d] * zm2[i * D + d];
-    idx_out[i] = k;
-    // ||z - e||^2 = ||z||^2 + (||e||^2 - 2 z.e), clamped: rounding can dip below 0
-    dist_out[i] = static_cast<T>(std::max(z2 + b, 0.f));
+  // reduce over lanes: the smallest value, then the lowest code among the lanes holding it
+  u32v lane;
+  for (int j = 0; j < W; ++j) lane[j] = j;
+  for (int64_t i = 0; i < rows; ++i) {
+    const f32v b = load_v<f32v>(best + i * W);
+    const float m = min_lane<float, W>(b);
+    // codes < K + W <= 2^31 + W: no overflow in uint32
+    const u32v codes = load_v<u32v>(arg + i * W) * uint32_t(W) + lane;
+    const u32v none = u32v{} + std::numeric_limits<uint32_t>::max();
+    val[i] = m;
+    code[i] = min_lane<uint32_t, W>(b == m ? codes : none);
   }
 }
 
-template <typename T>
-void vq_chunk_default(const T* z, int64_t n, const PackedCodebook<8>& cb, int64_t* idx, T* dist) {
-  vq_chunk(z, n, cb, idx, dist);
+// vq_rows with D fixed at compile time for D = 1..8, where the loop over d and the
+// broadcasts of z per panel are a sizeable part of the work (5-15% faster at D = 4 and 8);
+// the general copy for larger D
+template <int W>
+RIVER_INLINE void vq_rows_any_d(const float* zm2, int64_t rows, const PackedCodebook<W>& cb,
+                                float* val, int64_t* code) {
+  switch (cb.D) {
+#define RIVER_D_CASE(d) \
+  case d:               \
+    return vq_rows<W, d>(zm2, rows, cb, val, code);
+    RIVER_D_CASE(1) RIVER_D_CASE(2) RIVER_D_CASE(3) RIVER_D_CASE(4)
+    RIVER_D_CASE(5) RIVER_D_CASE(6) RIVER_D_CASE(7) RIVER_D_CASE(8)
+#undef RIVER_D_CASE
+    default:
+      return vq_rows<W, 0>(zm2, rows, cb, val, code);
+  }
+}
+
+void vq_rows_default(const float* zm2, int64_t rows, const PackedCodebook<8>& cb, float* val,
+                     int64_t* code) {
+  vq_rows_any_d(zm2, rows, cb, val, code);
 }
 
 #ifdef RIVER_X86_DISPATCH
-template <typename T>
-RIVER_TARGET_AVX2 void vq_chunk_avx2(const T* z, int64_t n, const PackedCodebook<8>& cb,
-                                     int64_t* idx, T* dist) {
-  vq_chunk(z, n, cb, idx, dist);
+RIVER_TARGET_AVX2 void vq_rows_avx2(const float* zm2, int64_t rows, const PackedCodebook<8>& cb,
+                                    float* val, int64_t* code) {
+  vq_rows_any_d(zm2, rows, cb, val, code);
 }
 
-template <typename T>
-RIVER_TARGET_AVX512 void vq_chunk_avx512(const T* z, int64_t n, const PackedCodebook<16>& cb,
-                                         int64_t* idx, T* dist) {
-  vq_chunk(z, n, cb, idx, dist);
+RIVER_TARGET_AVX512 void vq_rows_avx512(const float* zm2, int64_t rows,
+                                        const PackedCodebook<16>& cb, float* val,
+                                        int64_t* code) {
+  vq_rows_any_d(zm2, rows, cb, val, code);
 }
 #endif
 
-// Packs the codebook W codes per panel and runs `chunk` on every chunk of NC vectors.
-template <int W, typename T, typename Chunk>
-void vq_nearest_with(Chunk chunk, const T* z, const T* e, int64_t N, int64_t K, int64_t D,
-                     int64_t* idx, T* dist) {
+template <int W>
+using VqRows = void (*)(const float*, int64_t, const PackedCodebook<W>&, float*, int64_t*);
+
+// Packs the codebook W codes per panel and hands chunks of vectors to the cores; each chunk
+// goes to float as -2 z, through `vq_rows_isa` (the copy of vq_rows picked), and back.
+template <int W, typename T>
+void vq_nearest_with(VqRows<W> vq_rows_isa, const T* z, const T* e, int64_t N, int64_t K,
+                     int64_t D, int64_t* idx, T* dist) {
   const PackedCodebook<W> cb = pack_codebook<W>(e, K, D);
+  // at least 4 chunks per thread where N allows, so that a small N still spreads over the
+  // cores and a core slowed by another process hands its share on; but no fewer than 4R
+  // vectors per chunk, each of which streams the whole codebook through L1
+  const int64_t per_thread = (N + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  const int64_t nc = std::clamp<int64_t>((per_thread + R - 1) / R * R, 4 * R, NC_MAX);
   // a problem under ~100K FLOPs is not worth waking a second core for
-  parallel_chunks((N + NC - 1) / NC, 2 * N * K * D < 100000, [&](int64_t c) {
-    const int64_t n0 = c * NC, n = std::min<int64_t>(NC, N - n0);
-    chunk(z + n0 * D, n, cb, idx + n0, dist + n0);
+  parallel_chunks((N + nc - 1) / nc, 2 * N * K * D < 100000, [&](int64_t c) {
+    const int64_t n0 = c * nc, n = std::min<int64_t>(nc, N - n0);
+    const int64_t rows = (n + R - 1) / R * R;  // padded with zero vectors, results dropped
+    std::vector<float> zm2(rows * D, 0.f);
+    float val[NC_MAX];
+    int64_t code[NC_MAX];
+    for (int64_t i = 0; i < n * D; ++i) zm2[i] = -2.f * static_cast<float>(z[n0 * D + i]);
+    vq_rows_isa(zm2.data(), rows, cb, val, code);
+    for (int64_t i = 0; i < n; ++i) {
+      float z2 = 0.f;
+      for (int64_t d = 0; d < D; ++d) z2 += 0.25f * zm2[i * D + d] * zm2[i * D + d];
+      idx[n0 + i] = code[i];
+      // ||z - e||^2 = ||z||^2 + (||e||^2 - 2 z.e), clamped: rounding can dip below 0
+      dist[n0 + i] = static_cast<T>(std::max(z2 + val[i], 0.f));
+    }
   });
 }
 
@@ -400,11 +455,11 @@ void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, i
                       T* dist) {
 #ifdef RIVER_X86_DISPATCH
   if (cpu_isa() >= Isa::avx512)
-    return vq_nearest_with<16>(&vq_chunk_avx512<T>, z, e, N, K, D, idx, dist);
+    return vq_nearest_with<16>(&vq_rows_avx512, z, e, N, K, D, idx, dist);
   if (cpu_isa() >= Isa::avx2)
-    return vq_nearest_with<8>(&vq_chunk_avx2<T>, z, e, N, K, D, idx, dist);
+    return vq_nearest_with<8>(&vq_rows_avx2, z, e, N, K, D, idx, dist);
 #endif
-  vq_nearest_with<8>(&vq_chunk_default<T>, z, e, N, K, D, idx, dist);
+  vq_nearest_with<8>(&vq_rows_default, z, e, N, K, D, idx, dist);
 }
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in,

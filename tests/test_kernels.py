@@ -106,6 +106,34 @@ def test_vq_nearest_float32(N, D, K, device):
     check_vq_nearest(z, codebook)
 
 
+@pytest.mark.parametrize("D", range(1, 11))
+def test_vq_nearest_every_small_code_dim(D, device):
+    # every D up to 8 has a micro-kernel of its own, D > 8 the general one; K = 5000 is no
+    # multiple of a panel and spans several L1 tiles at every D
+    g = torch.Generator().manual_seed(D)
+    check_vq_nearest(torch.randn(37, D, generator=g).to(device),
+                     torch.randn(5000, D, generator=g).to(device))
+
+
+@pytest.mark.parametrize("N", [5, 37, 1001])
+def test_vq_nearest_same_on_any_thread_count(N, device):
+    # the vectors are split into chunks by thread count; each row's arithmetic is not
+    if device != "cpu":
+        pytest.skip("the thread count splits CPU work only")
+    g = torch.Generator().manual_seed(N)
+    z, codebook = torch.randn(N, 4, generator=g), torch.randn(3000, 4, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.river.vq_nearest(z, codebook))
+    finally:
+        torch.set_num_threads(threads)
+    for idx, dist in results[1:]:
+        assert torch.equal(idx, results[0][0]) and torch.equal(dist, results[0][1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,D,K", [(37, 3, 7), (1001, 8, 1024), (3, 4, 16384), (2, 64, 16384)])
 def test_vq_nearest_dtypes_and_big_codebooks(N, D, K, dtype, device):
