@@ -239,7 +239,7 @@ constexpr int NC_MAX = 128;  // most vectors per chunk, the unit of work of one 
 constexpr int64_t TILE_BYTES = 16 * 1024;
 
 // The codebook packed for the micro-kernel, W codes per panel (W = one vector register of
-// float32: 8 for AVX2 and the default copy, 16 for AVX-512): panel p holds codes
+// float32: 4 for the default copy (SSE2, NEON), 8 for AVX2, 16 for AVX-512): panel p holds codes
 // [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes have
 // norm +inf: they never win.
 template <int W>
@@ -267,10 +267,11 @@ PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
   return cb;
 }
 
-// GCC/Clang vector type of W lanes of S: one AVX2 or AVX-512 register (or several SSE
-// registers in the default copy). (A typedef in a class template: GCC drops vector_size on
-// an alias template.) They never cross a call boundary (all users are inlined), so GCC's
-// note that passing them by value changes the ABI does not apply.
+// GCC/Clang vector type of W lanes of S, one register wide: wider than the target's
+// registers, GCC splits the loads but turns the compares and selects into scalar code (8x
+// slower with W=8 on SSE2). (A typedef in a class template: GCC drops vector_size on an
+// alias template.) They never cross a call boundary (all users are inlined), so GCC's note
+// that passing them by value changes the ABI does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 template <typename S, int W>
 struct Vec {
@@ -399,7 +400,7 @@ RIVER_INLINE void vq_rows_any_d(const float* zm2, int64_t rows, const PackedCode
   }
 }
 
-void vq_rows_default(const float* zm2, int64_t rows, const PackedCodebook<8>& cb, float* val,
+void vq_rows_default(const float* zm2, int64_t rows, const PackedCodebook<4>& cb, float* val,
                      int64_t* code) {
   vq_rows_any_d(zm2, rows, cb, val, code);
 }
@@ -459,7 +460,7 @@ void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, i
   if (cpu_isa() >= Isa::avx2)
     return vq_nearest_with<8>(&vq_rows_avx2, z, e, N, K, D, idx, dist);
 #endif
-  vq_nearest_with<8>(&vq_rows_default, z, e, N, K, D, idx, dist);
+  vq_nearest_with<4>(&vq_rows_default, z, e, N, K, D, idx, dist);
 }
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in,
