@@ -1,6 +1,7 @@
 """Benchmark: the csrc/ ops against their PyTorch counterparts, side by side, one run.
 
     python tests/bench_kernels.py [--repeats 7] [--threads 2] [--ghz 2.6]
+    python tests/bench_kernels.py --threads 1 --cpu-time    # repeatable on a busy machine
 
 Named bench_*.py so pytest does not collect it. Each fused op is first checked against its
 reference (a benchmark of a wrong kernel is worthless), then timed as the median of
@@ -20,6 +21,8 @@ euler_step_ beats x.add_; bandwidth_vs_copy is the fraction of copy's GB/s that 
 reaches (a CPU cache also reads y before writing it, so copy really moves 3 x 4 bytes and
 euler can exceed 1.0). On a shared machine, rerun when numbers look noisy: a core taken by
 another process shows up as ~8 ms (a scheduler time slice), in the fused op and in cdist.
+--cpu-time (with --threads 1) times the CPU calls by the CPU time of the one thread doing
+the work, which leaves out the time it waited for a core: repeatable under load.
 """
 
 import argparse
@@ -40,11 +43,11 @@ VQ_SIZES = [(16384, 4, 1024), (16384, 4, 16384), (16384, 8, 8192)]  # (N, D, K)
 EULER_SIZES = [64 * 1024, 8 * 1024 * 1024]
 
 
-def median_times(fns, repeats, device, setup=None):
-    """Median seconds per call of each fn in `fns` (name -> fn). The fns take turns within
-    every repeat, so load from other processes on a shared machine hits them alike;
-    setup[name], if any, runs untimed before each of its fn's samples. On the GPU a sample
-    is 20 back-to-back calls, so launch latency is amortised as in a loop."""
+def median_times(fns, repeats, device, setup=None, clock=time.perf_counter):
+    """Median seconds per call of each fn in `fns` (name -> fn), timed by `clock`. The fns
+    take turns within every repeat, so load from other processes on a shared machine hits
+    them alike; setup[name], if any, runs untimed before each of its fn's samples. On the
+    GPU a sample is 20 back-to-back calls, so launch latency is amortised as in a loop."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     setup = setup or {}
     calls = 20 if device == "cuda" else 1
@@ -56,11 +59,11 @@ def median_times(fns, repeats, device, setup=None):
         for name, fn in fns.items():
             setup.get(name, lambda: None)()
             sync()
-            start = time.perf_counter()
+            start = clock()
             for _ in range(calls):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - start) / calls)
+            samples[name].append((clock() - start) / calls)
     return {name: statistics.median(t) for name, t in samples.items()}
 
 
@@ -123,9 +126,11 @@ def check(device, isas):
     torch.testing.assert_close(x, expected)
 
 
-def bench(device, repeats, isas, peaks):
+def bench(device, repeats, isas, peaks, cpu_time):
     """Rows of the table and the JSON ratios. isas: the copies of the CPU inner kernels to
-    time (widest last); peaks[isa]: its FMA peak in GFLOP/s."""
+    time (widest last); peaks[isa]: its FMA peak in GFLOP/s; cpu_time: time CPU calls by
+    the calling thread's CPU time."""
+    clock = time.thread_time if cpu_time and device == "cpu" else time.perf_counter
     rows, ratios = [], {}
     for N, D, K in VQ_SIZES:
         g = torch.Generator().manual_seed(N + D + K)
@@ -136,7 +141,7 @@ def bench(device, repeats, isas, peaks):
         setup = {p: (lambda p=p: torch.ops.river.set_cpu_isa(p)) for p in isas}
         fns.update({"cdist": lambda: torch.cdist(z, e).argmin(1),
                     "ref": lambda: river.vq_nearest_reference(z, e)})
-        t = median_times(fns, repeats, device, setup)
+        t = median_times(fns, repeats, device, setup, clock)
         if device == "cpu":
             torch.ops.river.set_cpu_isa("auto")
         gflop = 2 * N * K * D / 1e9
@@ -163,7 +168,7 @@ def bench(device, repeats, isas, peaks):
         # dt = 0 keeps x unchanged over the repeats; the op still reads and writes it all
         t = median_times({"ext": lambda: torch.ops.river.euler_step_(x, v, 0.0),
                           "add": lambda: x.add_(v, alpha=0.0),
-                          "copy": lambda: y.copy_(x)}, repeats, device)
+                          "copy": lambda: y.copy_(x)}, repeats, device, clock=clock)
         gbps = {"ext": 12 * n / t["ext"] / 1e9, "add": 12 * n / t["add"] / 1e9,
                 "copy": 8 * n / t["copy"] / 1e9}
         name = f"euler_step_ n={n}"
@@ -182,7 +187,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ghz", type=float, default=0.0,
                         help="CPU clock for the FMA peak (default: cpu MHz of /proc/cpuinfo)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time CPU calls by the thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time counts the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
     os.environ["RIVER_KERNELS"] = "ext"
     assert river.load_kernels()
@@ -194,7 +203,8 @@ def main():
     all_ratios = {}
     for device in devices:
         check(device, isas)
-        rows, ratios = bench(device, args.repeats, isas, peaks if device == "cpu" else {})
+        rows, ratios = bench(device, args.repeats, isas, peaks if device == "cpu" else {},
+                             args.cpu_time)
         all_ratios.update(ratios)
         if device == "cpu":
             simd = " ".join(f for f in ("avx2", "fma", "avx512f", "amx_tile") if f in flags)
@@ -204,6 +214,9 @@ def main():
                 f"{isa} {peaks[isa]:.0f} GFLOP/s" for isa in isas) + f" = {args.threads} "
                 f"cores x 2 FMA pipes x 4/8/16 fp32 lanes x 2 FLOPs x {ghz:.2f} GHz "
                 f"({'--ghz' if args.ghz else 'cpu MHz of /proc/cpuinfo'})")
+            # other processes' load, to judge wall-clock numbers by
+            print(f"timed by {'CPU time of the thread' if args.cpu_time else 'wall clock'}; "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         else:
             print(f"CUDA: {torch.cuda.get_device_name()}")
         print(f"{'case':<34} {'implementation':<26} {'median ms':>10}  note")
