@@ -12,30 +12,55 @@
 //   channels_last), and refuses anything else rather than copy: it must write x in place.
 //
 // Work split on the CPU (cores x vector lanes):
-//   vq_nearest  the codebook is packed once per call into panels of W=8 codes, each panel
-//     a (D, W) block (code dim major) plus its W norms ||e||^2, so the loop over codes is
-//     contiguous and one AVX2 register wide. Cores take chunks of NC vectors; inside a
-//     chunk, the panels are swept in tiles that stay in L1, and the micro-kernel walks R=4
+//   vq_nearest  the codebook is packed once per call into panels of W codes, W = one vector
+//     register of float32 (16 with AVX-512, 8 with AVX2, 4 in the default copy), each panel a
+//     (D, W) block (code dim major) plus its W norms ||e||^2, so the loop over codes is
+//     contiguous and one register wide. Cores take chunks of up to 128 vectors, at least 4
+//     chunks per thread where N allows (so a small N still uses every core); inside a chunk
+//     the panels are swept in 16 KB tiles that stay in L1, and the micro-kernel walks R=4
 //     vectors at once along a tile: acc[r][j] = ||e_j||^2 - 2 z_r . e_j, then a running
 //     min/argmin per (vector, lane), reduced over lanes at the end (lowest index on ties).
+//     D = 1..8 have micro-kernels of their own, with the loop over d unrolled.
 //   euler_step_  cores take chunks of 32K elements; the loop over elements is plain and the
 //     compiler vectorises it (float16 uses F16C conversions, 8 at a time).
 //   Both hand chunks to cores one at a time (parallel_chunks), so a core shared with
 //   another process does less of the work instead of holding up the call.
-// x86-64 builds carry a default and an AVX2+FMA+F16C copy of each inner kernel, picked at
-// run time, so a wheel built here runs on any x86-64 and still uses AVX2 where it exists.
-// vq_nearest also has an AVX-512 copy (W=16 codes per panel).
-// torch.ops.river.set_cpu_isa("default" | "avx2" | "avx512" | "auto") forces a copy.
+// x86-64 builds carry a default (SSE2) and an AVX2+FMA+F16C copy of each inner kernel, and
+// for vq_nearest an AVX-512 (F, BW, VL, DQ) copy too, picked at run time: a wheel built here
+// runs on any x86-64 and still uses the widest vectors the CPU has. Other CPUs get the
+// default copy. torch.ops.river.set_cpu_isa("default" | "avx2" | "avx512" | "auto") forces
+// a copy (tests, benchmarks).
 //
-// Napkin math (river's dev machine: 2 AMD EPYC cores at ~2.45 GHz, AVX2, no AVX-512):
-//   vq_nearest  2*N*K*D FLOPs; peak ~ 2 cores x 2 FMA pipes x 8 lanes x 2 x 2.45 GHz =
-//     157 GFLOP/s. Per panel and vector the micro-kernel issues D FMAs plus a compare and
-//     two selects, all on the same two pipes: at D=4 that caps it near 4/7 of peak, and the
-//     broadcasts of z and the panel loads share the load ports. Measured (bench_kernels.py,
-//     quiet machine): 44 GFLOP/s at N=16384 D=4 K=1024, 84-86 at K=8192-16384 (~55% of
-//     peak), 23-41x faster than torch.cdist + argmin.
+// Napkin math:
+//   vq_nearest  2*N*K*D FLOPs. Per panel and vector the micro-kernel issues D FMAs, then a
+//     min, a compare and a masked move (and a 1/R share of an index increment), all on the
+//     two vector pipes that run the FMAs: it can reach at most D/(D+3.25) of the FMA peak,
+//     55% at D=4, 71% at D=8. (AMX would not help: it multiplies bfloat16 and int8, not
+//     float32, and at D=4 the FMAs are not what limits.)
+//     AVX2, river's dev machine (2 AMD EPYC cores at ~2.45 GHz, no AVX-512): peak 2 cores x
+//     2 FMA pipes x 8 lanes x 2 x 2.45 GHz = 157 GFLOP/s. Measured before the AVX-512 copy
+//     (quiet machine): 44 GFLOP/s at N=16384 D=4 K=1024, 84-86 at K=8192-16384 (~55% of
+//     peak), 23-41x faster than torch.cdist + argmin. Not measured there since; on the Xeon
+//     below, one core of the AVX2 copy went from 49 / 56 / 72 to 60 / 64 / 80 GFLOP/s at
+//     the three benchmark sizes (lane reduction in registers, micro-kernels per D, update
+//     through vminps).
+//     AVX-512, an Intel Xeon (KVM guest, 2 cores, AVX-512 and AMX; lscpu: 2.60 GHz): peak
+//     2 cores x 2 FMA pipes x 16 lanes x 2 x 2.6 GHz = 333 GFLOP/s at that nominal clock.
+//     Two 512-bit FMA pipes is measured, not assumed: a loop of independent zmm FMAs does
+//     246 GFLOP/s on one core, 1.9-2 per cycle at the 3.9-4.1 GHz the core runs at under
+//     load (timed with a chain of imuls); the peak at that clock is ~490 GFLOP/s.
+//     Measured there (bench_kernels.py --threads 1 --cpu-time: one core, its CPU time, as
+//     the machine was shared), at N=16384 D=4 K=1024 / D=4 K=16384 / D=8 K=8192:
+//       avx512   109 / 126 / 137 GFLOP/s = 65 / 75 / 83% of the nominal one-core peak,
+//                44 / 51 / 56% at 3.85 GHz (80-93% of what the micro-kernel allows);
+//                58 / 72 / 40x faster than cdist + argmin
+//       avx2      60 /  64 /  80 GFLOP/s, 32 / 36 / 23x
+//       default   27 /  28 /  35 GFLOP/s (SSE2, no FMA), 15 / 16 / 10x
+//     Two threads make the op ~1.9x faster, and cdist + argmin 2.6 / 1.9 / 1.8x (29 / 663 /
+//     349 ms on a quiet moment): ~45 / 70 / 42x for avx512, ~25 / 37 / 24x for avx2.
 //   euler_step_ 12 bytes per float32 element (read x, read v, write x) and one FMA: memory
-//     bound. 8M elements = 96 MB at the ~30 GB/s measured here = ~3.3 ms, as fast as x.add_.
+//     bound. 8M elements = 96 MB at the ~30 GB/s measured on the EPYC = ~3.3 ms, as fast as
+//     x.add_.
 //   For an H100 see vq_nearest.cu and euler_step.cu.
 
 #include <ATen/Parallel.h>
@@ -86,6 +111,8 @@ namespace {
 #include <immintrin.h>
 #define RIVER_X86_DISPATCH 1
 #define RIVER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// the x86-64-v4 set, which every AVX-512 CPU but Xeon Phi has: the compiler may then use
+// all 32 vector registers and masks at every width, not only in 512-bit code
 #define RIVER_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
@@ -455,10 +482,9 @@ template <typename T>
 void vq_nearest_typed(const T* z, const T* e, int64_t N, int64_t K, int64_t D, int64_t* idx,
                       T* dist) {
 #ifdef RIVER_X86_DISPATCH
-  if (cpu_isa() >= Isa::avx512)
-    return vq_nearest_with<16>(&vq_rows_avx512, z, e, N, K, D, idx, dist);
-  if (cpu_isa() >= Isa::avx2)
-    return vq_nearest_with<8>(&vq_rows_avx2, z, e, N, K, D, idx, dist);
+  const Isa isa = cpu_isa();
+  if (isa >= Isa::avx512) return vq_nearest_with<16>(&vq_rows_avx512, z, e, N, K, D, idx, dist);
+  if (isa >= Isa::avx2) return vq_nearest_with<8>(&vq_rows_avx2, z, e, N, K, D, idx, dist);
 #endif
   vq_nearest_with<4>(&vq_rows_default, z, e, N, K, D, idx, dist);
 }
