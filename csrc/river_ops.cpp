@@ -271,14 +271,14 @@ constexpr int64_t TILE_BYTES = 16 * 1024;
 // norm +inf: they never win.
 template <int W>
 struct PackedCodebook {
-  int64_t D, K, panels;
+  int64_t D, panels;
   std::vector<float> data;   // (panels, D, W)
   std::vector<float> norms;  // (panels * W)
 };
 
 template <int W, typename T>
 PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
-  PackedCodebook<W> cb{D, K, (K + W - 1) / W, {}, {}};
+  PackedCodebook<W> cb{D, (K + W - 1) / W, {}, {}};
   cb.data.assign(cb.panels * D * W, 0.f);
   cb.norms.assign(cb.panels * W, std::numeric_limits<float>::infinity());
   for (int64_t k = 0; k < K; ++k) {
