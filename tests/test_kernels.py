@@ -2,12 +2,15 @@
 
 Every test forces the extension (RIVER_KERNELS=ext semantics: a build failure is an error,
 not a silent fallback), calls torch.ops.river.* directly and compares with
-river.vq_nearest_reference / river.euler_step_reference_ on odd sizes, every dtype, CPU
-always and CUDA when a GPU is present. The first run JIT-builds the extension (~20 s)
-unless `pip install -e .` or `python setup.py build_ext --inplace` already did.
+river.vq_nearest_reference / river.euler_step_reference_ on odd sizes and every dtype: on
+the CPU once per copy of the inner kernels this machine can run (forced with
+torch.ops.river.set_cpu_isa; the others are skipped, with the reason), and on CUDA when a
+GPU is present. The first run JIT-builds the extension (~20 s) unless `pip install -e .` or
+`python setup.py build_ext --inplace` already did.
 """
 
 import os
+import platform
 import re
 import sys
 
@@ -17,7 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import river  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+# The CPU kernels carry one copy of their inner loops per instruction set and pick one at
+# run time; torch.ops.river.set_cpu_isa forces a copy. Every CPU test runs once per copy,
+# and a copy this CPU cannot run is skipped with the op's reason (pytest -rs shows it).
+CPU_ISAS = ["default", "avx2", "avx512"]
+DEVICES = [f"cpu-{isa}" for isa in CPU_ISAS] + [pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -31,6 +38,21 @@ def kernels():
         assert river.load_kernels()
     yield
     river.load_kernels.cache_clear()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """"cpu" with the copy of the inner kernels named in the param forced, or "cuda"."""
+    if request.param == "cuda":
+        yield "cuda"
+        return
+    isa = request.param.removeprefix("cpu-")
+    try:
+        assert torch.ops.river.set_cpu_isa(isa) == isa
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield "cpu"
+    torch.ops.river.set_cpu_isa("auto")
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +96,6 @@ def check_vq_nearest(z, codebook):
                                      torch.bfloat16: 2e-2}[z.dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [1, 7, 1024])
 @pytest.mark.parametrize("D", [1, 3, 4, 8, 64])
 @pytest.mark.parametrize("N", [1, 37, 1001])
@@ -85,7 +106,34 @@ def test_vq_nearest_float32(N, D, K, device):
     check_vq_nearest(z, codebook)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", range(1, 11))
+def test_vq_nearest_every_small_code_dim(D, device):
+    # every D up to 8 has a micro-kernel of its own, D > 8 the general one; K = 5000 is no
+    # multiple of a panel and spans several L1 tiles at every D
+    g = torch.Generator().manual_seed(D)
+    check_vq_nearest(torch.randn(37, D, generator=g).to(device),
+                     torch.randn(5000, D, generator=g).to(device))
+
+
+@pytest.mark.parametrize("N", [5, 37, 1001])
+def test_vq_nearest_same_on_any_thread_count(N, device):
+    # the vectors are split into chunks by thread count; each row's arithmetic is not
+    if device != "cpu":
+        pytest.skip("the thread count splits CPU work only")
+    g = torch.Generator().manual_seed(N)
+    z, codebook = torch.randn(N, 4, generator=g), torch.randn(3000, 4, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.river.vq_nearest(z, codebook))
+    finally:
+        torch.set_num_threads(threads)
+    for idx, dist in results[1:]:
+        assert torch.equal(idx, results[0][0]) and torch.equal(dist, results[0][1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,D,K", [(37, 3, 7), (1001, 8, 1024), (3, 4, 16384), (2, 64, 16384)])
 def test_vq_nearest_dtypes_and_big_codebooks(N, D, K, dtype, device):
@@ -95,7 +143,6 @@ def test_vq_nearest_dtypes_and_big_codebooks(N, D, K, dtype, device):
     check_vq_nearest(z, codebook)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("distinct", [1, 13, 1000])
 def test_vq_nearest_exact_ties_go_to_lowest_index(distinct, device):
     # the codebook repeated 3 times: every nearest code has two exact copies further on,
@@ -111,7 +158,6 @@ def test_vq_nearest_exact_ties_go_to_lowest_index(distinct, device):
     assert dist[:m].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_vq_nearest_edge_shapes(device):
     codebook = torch.randn(5, 3, device=device)
     idx, dist = torch.ops.river.vq_nearest(torch.empty(0, 3, device=device), codebook)
@@ -120,9 +166,12 @@ def test_vq_nearest_edge_shapes(device):
     z = torch.randn(3, 40, device=device).t()                # (40, 3), not contiguous
     torch.testing.assert_close(torch.ops.river.vq_nearest(z, codebook),
                                torch.ops.river.vq_nearest(z.contiguous(), codebook))
+    # and so is a strided codebook
+    codebook = torch.randn(3, 50, device=device)[:, ::2].t()  # (25, 3), not contiguous
+    torch.testing.assert_close(torch.ops.river.vq_nearest(z, codebook),
+                               torch.ops.river.vq_nearest(z, codebook.contiguous()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("z_shape,e_shape,z_dtype,e_dtype,message", [
     ((4,), (8, 4), torch.float32, torch.float32, "z must be 2-D (N, D), got 1-D"),
     ((2, 3, 4), (8, 4), torch.float32, torch.float32, "z must be 2-D (N, D), got 3-D"),
@@ -144,7 +193,6 @@ def test_vq_nearest_bad_inputs(z_shape, e_shape, z_dtype, e_dtype, message, devi
 # euler_step_
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (1000,), (65536 + 3,), (3, 5, 7),
                                    (2, 4, 131072 + 1)])
@@ -169,7 +217,6 @@ def test_euler_step_matches_reference(shape, dtype, device):
     torch.testing.assert_close(x, expected, rtol=eps, atol=4 * eps * scale)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_euler_step_dense_non_contiguous(device):
     # channels_last is dense: one flat pass works when x and v share the strides
     x = torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)
@@ -179,7 +226,6 @@ def test_euler_step_dense_non_contiguous(device):
     torch.testing.assert_close(x, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case,message", [
     ("int", "x must be float32, float16 or bfloat16, got Long"),
     ("dtype", "x is Float but v is Half (they must match)"),
@@ -215,10 +261,49 @@ def test_device_mismatch():
 
 
 # ---------------------------------------------------------------------------------------
+# set_cpu_isa: which copy of the CPU inner kernels runs
+# ---------------------------------------------------------------------------------------
+
+# what each copy needs, in /proc/cpuinfo's words
+ISA_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
+             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"),
+                    reason="checks against the x86 flags of Linux's /proc/cpuinfo")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_set_cpu_isa_follows_cpu_flags(isa):
+    """A copy can be forced exactly when the CPU has its instructions; else a clear error."""
+    try:
+        if ISA_FLAGS[isa] <= cpu_flags():
+            assert torch.ops.river.set_cpu_isa(isa) == isa
+        else:
+            with pytest.raises(RuntimeError, match=f"set_cpu_isa: this CPU cannot run {isa}; "
+                                                   "it can run: auto, default"):
+                torch.ops.river.set_cpu_isa(isa)
+    finally:
+        torch.ops.river.set_cpu_isa("auto")
+
+
+def test_set_cpu_isa_auto_and_unknown_names():
+    widest = torch.ops.river.set_cpu_isa("auto")
+    assert widest in CPU_ISAS
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        assert widest == [isa for isa in CPU_ISAS if ISA_FLAGS[isa] <= cpu_flags()][-1]
+    with pytest.raises(RuntimeError, match="set_cpu_isa: unknown instruction set 'avx1024'; "
+                                           "this CPU can run: auto, default"):
+        torch.ops.river.set_cpu_isa("avx1024")
+
+
+# ---------------------------------------------------------------------------------------
 # Registration: opcheck, and river.py's dispatch between extension and reference
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_opcheck(dtype, device):
     z = torch.randn(37, 4, device=device, dtype=dtype)
