@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from einops.layers.torch import Rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm, trange
 
@@ -67,9 +68,14 @@ class Config:
     ae_batch: int = 64
     ae_lr: float = 2e-3
     # vector field
+    field: str = "unet"          # unet (river's) | uvit (the official U-ViT)
     unet_channels: tuple = (32, 64, 128)  # width per level; latent resolution halves per level
     unet_blocks: int = 1          # residual blocks per level (the up path has one more)
     attention: bool = False       # self-attention at the lowest resolution (2x2 in tiny: no use)
+    uvit_width: int = 768         # token width (8 heads, feed-forward 4x as wide)
+    uvit_depth: int = 4           # "in" layers, and as many "out" layers with long skips
+    uvit_mid_depth: int = 5
+    uvit_head: str = "ln"         # normalisation of the output head: ln | bn (bair256)
     # flow matching
     sigma_min: float = 1e-7
     conditioning: str = "random"  # random (paper) | last | fixed: which past frame conditions
@@ -114,7 +120,7 @@ PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
     "tiny": Config(),
     # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
-    # at its 4x4 level).
+    # at its 4x4 level); field="uvit" selects the official U-ViT.
     "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
                      unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
     "kth64": Config(image_size=64, clip_frames=40, context=10, **ae_config("f8_small"),
@@ -699,7 +705,8 @@ AUTOENCODERS = {"vqgan": VQAutoencoder, "clevrer": ClevrerVQVAE}  # by Config.ae
 
 
 # ---------------------------------------------------------------------------------------
-# Vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w): river's U-Net
+# Vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w): river's U-Net,
+# and the U-ViT of the official code
 # ---------------------------------------------------------------------------------------
 
 def sinusoidal(x, dim):
@@ -763,6 +770,78 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.head(h)
 
+
+class GridPosition(nn.Module):
+    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
+
+    def __init__(self, dim, size=512):
+        super().__init__()
+        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
+        nn.init.uniform_(self.row_embed.weight, -1, 1)
+        nn.init.uniform_(self.col_embed.weight, -1, 1)
+
+    def forward(self, h, w):
+        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
+        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
+        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
+
+
+class TokenGrid(nn.Module):
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w) on a square grid (river's frames are square)."""
+
+    def forward(self, x):
+        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
+
+
+class UViT(nn.Module):
+    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
+    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
+    long skips from in to out, and a convolutional head. Module names are the official ones, so
+    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, W = cfg.latent_dim, cfg.uvit_width
+
+        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
+            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
+                                              batch_first=True, norm_first=True)
+
+        self.position_encoding = GridPosition(W)
+        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
+        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
+        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
+        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
+        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
+                                        for _ in range(cfg.uvit_depth))
+        if cfg.uvit_head == "ln":
+            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
+                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
+        else:  # "bn"
+            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
+                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
+
+    def forward(self, x, t, ref, cond, d):
+        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        h, w = x.shape[-2:]
+        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
+        # every spatial token gets its position and the embedding of log d
+        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]
+        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
+        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
+        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
+        skips = []
+        for layer in self.in_blocks:
+            tokens = layer(tokens)
+            skips.append(tokens)
+        tokens = self.mid_blocks(tokens)
+        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
+            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
+        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
+
+
+FIELDS = {"unet": UNet, "uvit": UViT}  # by Config.field
 
 
 # ---------------------------------------------------------------------------------------
@@ -858,11 +937,11 @@ def warm_start_state(z_last, s, sigma_min, eps=None):
 
 
 class River(nn.Module):
-    """The whole model: a frozen VQ autoencoder and the vector field (Config.ae_kind) and the U-Net vector field."""
+    """The whole model: a frozen VQ autoencoder and the vector field (Config.ae_kind, .field)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), UNet(cfg)
+        self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
 
     @torch.no_grad()
     def next_latent(self, past, steps, warm_start, solver="euler", past_horizon=-1):
