@@ -60,7 +60,7 @@ class Config:
                                        # resolution halves from one level to the next
     ae_decoder_channels: tuple = ()    # decoder width per level; () = ae_channels
     ae_blocks: int = 1           # vqgan: ResNet blocks per encoder level (the decoder has one more)
-    ae_attention: tuple = ()     # vqgan: levels (0 = full resolution) with attention after each block
+    ae_attention: tuple = ()     # vqgan: levels (0: full resolution) attending after each block
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
@@ -90,6 +90,9 @@ class Config:
     # sampling
     sample_steps: int = 10
     warm_start: float = 0.0
+    solver: str = "euler"         # euler | midpoint | rk4
+    # duplicate a single context frame in the history as the official sampler does
+    official_history: bool = False
 
 
 AE_CONFIGS = {
@@ -478,7 +481,8 @@ class Decoder(nn.Module):
         self.mid = Middle(ch[-1])
         self.up = nn.ModuleList()
         for i, width in enumerate(ch):
-            level = Level(ch[min(i + 1, len(ch) - 1)], width, cfg.ae_blocks + 1, i in cfg.ae_attention)
+            ch_in = ch[min(i + 1, len(ch) - 1)]  # the level below, run before this one
+            level = Level(ch_in, width, cfg.ae_blocks + 1, i in cfg.ae_attention)
             if i > 0:
                 level.upsample = Resample(width, down=False)
             self.up.append(level)
@@ -551,7 +555,8 @@ class VectorQuantizer(nn.Module):
         B, D, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d").float().contiguous()  # (N, D)
         idx, _ = vq_nearest(flat, self.embedding.weight.detach().float())
-        return rearrange(self.embedding.weight[idx], "(b h w) d -> b d h w", b=B, h=h, w=w).to(z.dtype)
+        q = rearrange(self.embedding.weight[idx], "(b h w) d -> b d h w", b=B, h=h, w=w)
+        return q.to(z.dtype)
 
 
 class Autoencoder(nn.Module):
@@ -710,7 +715,7 @@ AUTOENCODERS = {"vqgan": VQAutoencoder, "clevrer": ClevrerVQVAE}  # by Config.ae
 # ---------------------------------------------------------------------------------------
 
 def sinusoidal(x, dim):
-    """(B,) -> (B, dim) [cos | sin] features at frequencies 10000^(-k / (dim/2)) (transformer style)."""
+    """(B,) -> (B, dim) [cos | sin] features at frequencies 10000^(-k / (dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=x.device) / half)
     angles = x.float()[:, None] * freqs[None]  # (B, half)
@@ -787,7 +792,7 @@ class GridPosition(nn.Module):
 
 
 class TokenGrid(nn.Module):
-    """Tokens (B, h*w, C) -> feature map (B, C, h, w) on a square grid (river's frames are square)."""
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
 
     def forward(self, x):
         return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
@@ -980,6 +985,105 @@ class River(nn.Module):
         frames = self.ae.decode(rearrange(z, "b f d h w -> (b f) d h w"))
         frames = rearrange(frames, "(b f) c h w -> b f c h w", b=B)
         return (frames, nfe) if return_nfe else frames
+
+
+# ---------------------------------------------------------------------------------------
+# The released RIVER models (github.com/Araachie/river) in river's classes
+# ---------------------------------------------------------------------------------------
+
+OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
+RIVER_BUFFERS = ("mean", "std", "usage", "calls")  # river's own, absent from official files
+
+
+def official_config(name):
+    """The Config of the released model `name` (a key of OFFICIAL): its preset with the U-ViT
+    and the official sampler (rk4 on 100 grid points = 99 steps, from s = 0; a single context
+    frame duplicated in the history)."""
+    if name not in OFFICIAL:
+        raise RiverError(f"{name!r} is not an official RIVER configuration: use one of "
+                         f"{', '.join(OFFICIAL)}")
+    head = "bn" if name == "bair256" else "ln"
+    return replace(PRESETS[OFFICIAL[name]], field="uvit", uvit_head=head, sample_steps=99,
+                   solver="rk4", warm_start=0.0, official_history=True)
+
+
+def read_checkpoint(path, trust=False):
+    """torch.load of a checkpoint dict: tensors only, unless trust=True allows unpickling."""
+    if not os.path.isfile(path):
+        raise RiverError(f"{path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise RiverError(f"{path} holds pickled objects besides tensors: if you trust where it "
+                             "comes from, pass --trust-checkpoint")
+        raise RiverError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, "
+                         "or not a PyTorch file?")
+    if not isinstance(ckpt, dict):
+        raise RiverError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def load_strict(module, state, prefixes, path, what):
+    """Load the tensors of an official state dict into module: a key under a file prefix of
+    `prefixes` ({file prefix: module prefix}) names the module's key after it (CLEVRER's
+    vector_quantizer is river's quantize). A one-line RiverError names the first key that does
+    not fit; river's own buffers keep their initial values (latents unscaled, codes unused)."""
+    own, mapped = module.state_dict(), {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        name = None if prefix is None else (
+            prefixes[prefix] + key[len(prefix):].replace("vector_quantizer.", "quantize.", 1))
+        if name not in own:
+            raise RiverError(f"{path}: {key} {tuple(value.shape)} is no key of {what}")
+        if own[name].shape != value.shape:
+            raise RiverError(f"{path}: {key} is {tuple(value.shape)} where {what} has "
+                             f"{tuple(own[name].shape)}: a file of another architecture?")
+        mapped[name] = value
+    missing = [k for k in own if k not in mapped and k.split(".")[-1] not in RIVER_BUFFERS]
+    if missing:
+        raise RiverError(f"{path} has no tensor for {missing[0]} {tuple(own[missing[0]].shape)} "
+                         f"of {what}")
+    module.load_state_dict(mapped, strict=False)  # strict in effect: every key was checked
+
+
+def load_autoencoder_file(path, ae, trust=False):
+    """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
+    quantize.*, quant_conv.*, post_quant_conv.*; loss.* ignored) or a CLEVRER vqvae.pth
+    ("model" with module.encoder.*, ...) into `ae`, an autoencoder built with the file's
+    architecture (ae_config). Returns ae in eval mode."""
+    ckpt = read_checkpoint(path, trust)
+    if "state_dict" in ckpt:
+        state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}
+        load_strict(ae, state, {"": ""}, path, f"this {type(ae).__name__}")
+    elif "model" in ckpt:
+        load_strict(ae, ckpt["model"], {"module.": ""}, path, f"this {type(ae).__name__}")
+    else:
+        raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
+                         "(model)")
+    return ae.eval()
+
+
+def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields):
+    """A River in eval mode, configured as official_config(name) with `fields` on top (the test
+    fixtures' smaller widths), from a released model.pth ("model" with module.ae.*, for clevrer
+    module.ae.backbone.*, and module.vector_field_regressor.*); ae_path: the autoencoder from
+    its own file instead (load_autoencoder_file). trust: allow unpickling objects."""
+    cfg = replace(official_config(name), **fields)
+    state = read_checkpoint(path, trust).get("model")
+    if not isinstance(state, dict):
+        raise RiverError(f"{path} has no 'model' state dict: not a RIVER model.pth")
+    model = River(cfg)
+    ae = "module.ae.backbone." if cfg.ae_kind == "clevrer" else "module.ae."
+    field = "module.vector_field_regressor."
+    what = f"an official {name} model"
+    if ae_path:  # the autoencoder from its own file; model.pth's copy is left out
+        load_autoencoder_file(ae_path, model.ae, trust)
+        state = {k: v for k, v in state.items() if not k.startswith(ae)}
+        load_strict(model.field, state, {field: ""}, path, what)
+    else:
+        load_strict(model, state, {ae: "ae.", field: "field."}, path, what)
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------
