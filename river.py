@@ -643,61 +643,41 @@ class UpBlock(nn.Module):
 
 
 class ClevrerCoder(nn.Module):
-    """The middle that the CLEVRER encoder and decoder share: residual block, single-head
-    self-attention with a skip, residual block."""
+    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
+    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
+    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
+    single-head self-attention with a skip, residual block."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, c_in, c_out, decoder):
         super().__init__()
-        self.pre_attn_residual, self.attn_norm = PoolResBlock(ch, ch), norm(ch)
-        self.attn = nn.MultiheadAttention(ch, 1, batch_first=True)
-        self.post_attn_residual = PoolResBlock(ch, ch)
-
-    def middle(self, x):
-        x = self.pre_attn_residual(x)
-        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
-        y = self.attn(y, y, y, need_weights=False)[0]
-        return self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
-
-
-class ClevrerEncoder(ClevrerCoder):
-    """Frames -> latents: conv, residual blocks that pool by 2, the middle, norm, swish, conv."""
-
-    def __init__(self, cfg):
-        ch = cfg.ae_channels
-        super().__init__(ch[-1])
-        self.conv_in = nn.Conv2d(cfg.channels, ch[0], 3, padding=1)
-        self.residuals = nn.Sequential(*(PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
-        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], cfg.latent_dim, 3, padding=1)
+        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
+        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
+        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
+        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
+        self.post_attn_residual = PoolResBlock(mid, mid)
+        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
+                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
+        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
 
     def forward(self, x):
-        h = self.middle(self.residuals(self.conv_in(x)))
-        return self.out_conv(F.silu(self.out_norm(h)))
-
-
-class ClevrerDecoder(ClevrerCoder):
-    """Latents -> frames in (-1, 1): conv, the middle, residual blocks each followed by an
-    UpBlock, norm, swish, conv, tanh."""
-
-    def __init__(self, cfg):
-        ch = (cfg.ae_decoder_channels or cfg.ae_channels)[::-1]  # from the lowest resolution up
-        super().__init__(ch[0])
-        self.conv_in = nn.Conv2d(cfg.latent_dim, ch[0], 3, padding=1)
-        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b))
-                                         for a, b in zip(ch, ch[1:])))
-        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], cfg.channels, 3, padding=1)
-
-    def forward(self, z):
-        h = self.residuals(self.middle(self.conv_in(z)))
-        return torch.tanh(self.out_conv(F.silu(self.out_norm(h))))
+        x = self.conv_in(x)
+        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
+        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
+        y = self.attn(y, y, y, need_weights=False)[0]
+        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
+        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
+        return torch.tanh(x) if self.decoder else x
 
 
 class ClevrerVQVAE(Autoencoder):
     """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
-    outputs. Its files call the quantizer `vector_quantizer` (load_autoencoder_file maps it)."""
+    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.encoder, self.decoder = ClevrerEncoder(cfg), ClevrerDecoder(cfg)
+        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
+        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
 
     def pre_quant(self, x):
         return self.encoder(x)
@@ -1049,18 +1029,16 @@ def load_strict(module, state, prefixes, path, what):
 
 def load_autoencoder_file(path, ae, trust=False):
     """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
-    quantize.*, quant_conv.*, post_quant_conv.*; loss.* ignored) or a CLEVRER vqvae.pth
-    ("model" with module.encoder.*, ...) into `ae`, an autoencoder built with the file's
-    architecture (ae_config). Returns ae in eval mode."""
-    ckpt = read_checkpoint(path, trust)
-    if "state_dict" in ckpt:
-        state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}
-        load_strict(ae, state, {"": ""}, path, f"this {type(ae).__name__}")
-    elif "model" in ckpt:
-        load_strict(ae, ckpt["model"], {"module.": ""}, path, f"this {type(ae).__name__}")
-    else:
+    quantize.*, quant_conv.*, post_quant_conv.*) or a CLEVRER vqvae.pth ("model" with
+    module.encoder.*, ...) into `ae`, an autoencoder built with the file's architecture
+    (ae_config). Returns ae in eval mode."""
+    state = read_checkpoint(path, trust)
+    state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict):
         raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
                          "(model)")
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # taming's GAN, LPIPS
+    load_strict(ae, state, {"module.": "", "": ""}, path, f"this {type(ae).__name__}")
     return ae.eval()
 
 
