@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from einops.layers.torch import Rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm, trange
 
@@ -53,20 +54,30 @@ class Config:
     image_size: int = 32
     channels: int = 3            # C
     clip_frames: int = 16        # T: frames per training clip (target tau <= T-1)
-    frame_skip: int = 1          # take every k-th frame of the video
+    frame_skip: int = 1          # stride between kept frames: 1 keeps every frame, 5 every 5th
     context: int = 2             # context frames for sampling and evaluation by default
-    # VQ autoencoder
-    ae_channels: tuple = (16, 32, 64)    # width per resolution; len-1 halvings = downsampling
+    # VQ autoencoder (AE_CONFIGS below names the official architectures)
+    ae_kind: str = "vqgan"       # vqgan: taming's VQGAN layout | clevrer: the CLEVRER VQVAE
+    ae_channels: tuple = (16, 32, 64)  # encoder width per level (taming: ch * ch_mult); the
+                                       # resolution halves from one level to the next
+    ae_decoder_channels: tuple = ()    # decoder width per level; () = ae_channels
+    ae_blocks: int = 1           # vqgan: ResNet blocks per encoder level (the decoder has one more)
+    ae_attention: tuple = ()     # vqgan: levels (0: full resolution) attending after each block
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
     ae_steps: int = 500
     ae_batch: int = 64
     ae_lr: float = 2e-3
-    # U-Net vector field
+    # vector field
+    field: str = "unet"          # unet (river's) | uvit (the official U-ViT)
     unet_channels: tuple = (32, 64, 128)  # width per level; latent resolution halves per level
     unet_blocks: int = 1          # residual blocks per level (the up path has one more)
     attention: bool = False       # self-attention at the lowest resolution (2x2 in tiny: no use)
+    uvit_width: int = 768         # token width (8 heads, feed-forward 4x as wide)
+    uvit_depth: int = 4           # "in" layers, and as many "out" layers with long skips
+    uvit_mid_depth: int = 5
+    uvit_head: str = "ln"         # normalisation of the output head: ln | bn (bair256)
     # flow matching
     sigma_min: float = 1e-7
     conditioning: str = "random"  # random (paper) | last | fixed | dense: which past conditions
@@ -82,30 +93,48 @@ class Config:
     # sampling
     sample_steps: int = 10        # solver steps over [0, 1]; a warm start at s uses ~(1-s) of them
     warm_start: float = 0.0
+    solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
 
+
+AE_CONFIGS = {
+    # taming's VQGANs; attention levels from attn_resolutions over the configured resolution
+    "f8_small": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
+                     ae_attention=(2,), latent_dim=4, codebook_size=16384),  # 16 of 64
+    "f8": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
+               ae_attention=(3,), latent_dim=4, codebook_size=16384),  # 32 of 256 (LDM's vq-f8)
+    "f16": dict(ae_kind="vqgan", ae_channels=(128, 128, 256, 256, 512), ae_blocks=2,
+                ae_attention=(4,), latent_dim=8, codebook_size=16384),  # 16 of 256
+    # the RIVER authors' own VQVAE for CLEVRER (its decoder mirrors the encoder's widths)
+    "clevrer": dict(ae_kind="clevrer", ae_channels=(32, 64, 128, 256), latent_dim=4,
+                    codebook_size=8192),
+}
+
+
+def ae_config(name):
+    """The Config fields of the autoencoder architecture `name` (a key of AE_CONFIGS)."""
+    if name not in AE_CONFIGS:
+        raise RiverError(f"unknown autoencoder config {name!r}: use one of {', '.join(AE_CONFIGS)}")
+    return {"ae_decoder_channels": (), "ae_blocks": 1, "ae_attention": (), **AE_CONFIGS[name]}
+
+
+GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_000,
+                    flow_batch=16, flow_lr=1e-4, warmup=5000, ema_decay=0.9999)
 
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
     "tiny": Config(),
-    # The official settings (shared/PAPER.md), with a conv VQ autoencoder instead of VQGAN;
-    # attention at the U-Net's 4x4 level.
-    "bair64": Config(image_size=64, clip_frames=16, context=1, ae_channels=(64, 128, 256, 256),
-                     codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                     unet_channels=(128, 256), unet_blocks=2, attention=True,
-                     flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
-                     ema_decay=0.9999),
-    "kth64": Config(image_size=64, clip_frames=40, context=10, ae_channels=(64, 128, 256, 256),
-                    codebook_size=16384, ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                    unet_channels=(128, 256), unet_blocks=2, attention=True,
-                    flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
-                    ema_decay=0.9999),
-    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=4, context=2,
-                         ae_channels=(64, 128, 256, 256), codebook_size=8192,
-                         ae_steps=100_000, ae_batch=32, ae_lr=2e-4,
-                         unet_channels=(128, 256, 512), unet_blocks=2, attention=True,
-                         flow_steps=300_000, flow_batch=16, flow_lr=1e-4, warmup=5000,
-                         ema_decay=0.9999),
+    # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
+    # at its 4x4 level); field="uvit" selects the official U-ViT.
+    "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
+                     unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "kth64": Config(image_size=64, clip_frames=40, context=10, **ae_config("f8_small"),
+                    unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "bair256": Config(image_size=256, clip_frames=16, context=1, **ae_config("f16"),
+                      unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=5, context=2,
+                         **ae_config("clevrer"), unet_channels=(128, 256, 512), unet_blocks=2,
+                         attention=True, **GPU_TRAINING),
 }
 
 
@@ -328,24 +357,29 @@ def euler_step_(x, v, dt):
 # ---------------------------------------------------------------------------------------
 # VQ autoencoder: frames (B, C, H, W) <-> latents (B, D, h, w)
 # ---------------------------------------------------------------------------------------
+# river's autoencoder is taming's VQGAN (Esser et al. 2021) at the config's widths, with
+# taming's module names, so a taming checkpoint loads as it is. The official CLEVRER model
+# uses a smaller VQVAE of its own, ClevrerVQVAE, at the end of this section.
 
 def norm(ch):
-    """GroupNorm with up to 32 groups of at least 4 channels."""
-    groups = max(1, min(32, ch // 4))
+    """GroupNorm as in taming: 32 groups, eps 1e-6. A width that 32 does not divide (river's
+    small ones) gets groups of 4 channels, or the nearest count below that divides it."""
+    groups = 32 if ch % 32 == 0 else max(1, ch // 4)
     while ch % groups:
         groups -= 1
-    return nn.GroupNorm(groups, ch)
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a skip; `emb` (B, E) adds a per-channel scale and shift."""
+    """GroupNorm-swish-conv twice with a skip, a 1x1 `nin_shortcut` when the width changes
+    (taming's ResnetBlock). `emb` (B, E), for the U-Net, adds a per-channel scale and shift."""
 
     def __init__(self, ch_in, ch_out, emb_dim=0):
         super().__init__()
         self.norm1, self.conv1 = norm(ch_in), nn.Conv2d(ch_in, ch_out, 3, padding=1)
         self.norm2, self.conv2 = norm(ch_out), nn.Conv2d(ch_out, ch_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * ch_out) if emb_dim else None
-        self.skip = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
+        self.nin_shortcut = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
 
     def forward(self, x, emb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -353,40 +387,124 @@ class ResBlock(nn.Module):
         if self.emb is not None:
             scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, 1)  # (B, ch, 1, 1)
             h = h * (1 + scale) + shift
-        return self.skip(x) + self.conv2(F.silu(h))
+        return self.nin_shortcut(x) + self.conv2(F.silu(h))
+
+
+class Attention(nn.Module):
+    """Self-attention over the h*w positions of a feature map, with a skip (taming's AttnBlock:
+    GroupNorm, 1x1 convs q, k, v, softmax(q k^T / sqrt(ch / heads)) v, 1x1 proj_out)."""
+
+    def __init__(self, ch, heads=1):
+        super().__init__()
+        self.heads, self.norm = heads, norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, ch, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (rearrange(conv(y), "b (n c) h w -> b n (h w) c", n=self.heads)
+                   for conv in (self.q, self.k, self.v))  # 3 x (B, heads, h*w, ch/heads)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(rearrange(y, "b n (h w) c -> b (n c) h w", h=h))
+
+
+class Resample(nn.Module):
+    """Halve the resolution as taming does (pad right and bottom by one, 3x3 conv of stride 2)
+    or double it (nearest x2, 3x3 conv)."""
+
+    def __init__(self, ch, down):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2) if down else nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))  # (left, right, top, bottom)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the VQGAN: ResNet blocks, each followed by attention where the level
+    attends. The encoder gives a level a `downsample`, the decoder an `upsample` (Resample)."""
+
+    def __init__(self, ch_in, ch, blocks, attention):
+        super().__init__()
+        self.block = nn.ModuleList(ResBlock(ch_in if i == 0 else ch, ch) for i in range(blocks))
+        self.attn = nn.ModuleList(Attention(ch) for _ in range(blocks if attention else 0))
+
+    def forward(self, h):
+        for i, block in enumerate(self.block):
+            h = self.attn[i](block(h)) if self.attn else block(h)
+        return h
+
+
+class Middle(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResBlock(ch, ch), Attention(ch), ResBlock(ch, ch)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class Encoder(nn.Module):
+    """Frames (B, C, H, W) -> (B, D, h, w): conv_in, the levels of ae_channels with a
+    downsample after all but the last, the middle, GroupNorm, swish, conv_out."""
+
     def __init__(self, cfg):
         super().__init__()
         ch = cfg.ae_channels
-        layers = [nn.Conv2d(cfg.channels, ch[0], 3, padding=1)]
-        for a, b in zip(ch[:-1], ch[1:]):
-            layers += [nn.Conv2d(a, b, 4, stride=2, padding=1), ResBlock(b, b)]
-        layers += [norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], cfg.latent_dim, 1)]
-        self.net = nn.Sequential(*layers)
+        self.conv_in = nn.Conv2d(cfg.channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        for i, width in enumerate(ch):
+            level = Level(ch[max(i - 1, 0)], width, cfg.ae_blocks, i in cfg.ae_attention)
+            if i < len(ch) - 1:
+                level.downsample = Resample(width, down=True)
+            self.down.append(level)
+        self.mid = Middle(ch[-1])
+        self.norm_out, self.conv_out = norm(ch[-1]), nn.Conv2d(ch[-1], cfg.latent_dim, 3, padding=1)
 
     def forward(self, x):
-        return self.net(x)
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
+    """Latents (B, D, h, w) -> frames (B, C, H, W), unbounded: the encoder's mirror with one more
+    ResNet block per level. `up` is indexed by level, as taming's keys are, and runs backwards."""
+
     def __init__(self, cfg):
         super().__init__()
-        ch = cfg.ae_channels[::-1]
-        layers = [nn.Conv2d(cfg.latent_dim, ch[0], 3, padding=1), ResBlock(ch[0], ch[0])]
-        for a, b in zip(ch[:-1], ch[1:]):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1),
-                       ResBlock(b, b)]
-        layers += [norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], cfg.channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
+        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        self.conv_in = nn.Conv2d(cfg.latent_dim, ch[-1], 3, padding=1)
+        self.mid = Middle(ch[-1])
+        self.up = nn.ModuleList()
+        for i, width in enumerate(ch):
+            ch_in = ch[min(i + 1, len(ch) - 1)]  # the level below, run before this one
+            level = Level(ch_in, width, cfg.ae_blocks + 1, i in cfg.ae_attention)
+            if i > 0:
+                level.upsample = Resample(width, down=False)
+            self.up.append(level)
+        self.norm_out, self.conv_out = norm(ch[0]), nn.Conv2d(ch[0], cfg.channels, 3, padding=1)
 
     def forward(self, z):
-        return self.net(z)
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class VectorQuantizer(nn.Module):
-    """K codes of dimension D; nearest-code lookup with a straight-through gradient.
+    """K codes of dimension D (`embedding`, taming's name); nearest-code lookup with a
+    straight-through gradient.
 
     Dead codes (unused for `restart_every` training steps) restart at random encoder
     outputs of the current batch, which keeps the whole codebook in use.
@@ -395,20 +513,22 @@ class VectorQuantizer(nn.Module):
     def __init__(self, K, D, commitment, restart_every=100):
         super().__init__()
         self.commitment, self.restart_every = commitment, restart_every
-        self.codebook = nn.Parameter(torch.randn(K, D) * 0.1)
+        self.embedding = nn.Embedding(K, D)  # the codebook (K, D)
+        nn.init.normal_(self.embedding.weight, std=0.1)
         self.register_buffer("usage", torch.zeros(K))   # hits since the last restart check
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, z):
         """z (B, D, h, w) -> (quantized z, codes (B, h, w), loss, stats)."""
         B, D, h, w = z.shape
+        codebook = self.embedding.weight
         flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
-        idx, _ = vq_nearest(flat.detach().float().contiguous(), self.codebook.detach().float())
-        q = self.codebook[idx]  # (N, D)
+        idx, _ = vq_nearest(flat.detach().float().contiguous(), codebook.detach().float())
+        q = codebook[idx]  # (N, D)
         # codebook loss pulls codes to the encoder; commitment loss pulls the encoder to codes
         loss = F.mse_loss(q, flat.detach()) + self.commitment * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through: forward q, backward identity
-        counts = torch.bincount(idx, minlength=len(self.codebook)).float()
+        counts = torch.bincount(idx, minlength=len(codebook)).float()
         if self.training:
             self.restart_dead_codes(flat.detach(), counts)
         p = counts / counts.sum()
@@ -429,81 +549,162 @@ class VectorQuantizer(nn.Module):
         dead = self.usage == 0
         if dead.any():
             pick = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
-            self.codebook.data[dead] = flat[pick] + 0.01 * flat.std() * torch.randn_like(flat[pick])
+            codebook = self.embedding.weight.data
+            codebook[dead] = flat[pick] + 0.01 * flat.std() * torch.randn_like(flat[pick])
             if distributed:
-                dist.broadcast(self.codebook.data, 0)
+                dist.broadcast(codebook, 0)
         self.usage.zero_()
 
     def lookup(self, z):
         """Snap latents (B, D, h, w) to their nearest codes (no gradient)."""
         B, D, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d").float().contiguous()  # (N, D)
-        idx, _ = vq_nearest(flat, self.codebook.detach().float())
-        return rearrange(self.codebook[idx], "(b h w) d -> b d h w", b=B, h=h, w=w).to(z.dtype)
+        idx, _ = vq_nearest(flat, self.embedding.weight.detach().float())
+        q = rearrange(self.embedding.weight[idx], "(b h w) d -> b d h w", b=B, h=h, w=w)
+        return q.to(z.dtype)
 
 
-class VQAutoencoder(nn.Module):
-    """Stage 1. The flow model works on standardised encoder outputs (`encode`), and
-    `decode` undoes the standardisation, quantizes and decodes, as the paper does."""
+class Autoencoder(nn.Module):
+    """What both autoencoders share. The flow model works on standardised continuous latents
+    (`encode`); `decode` undoes the standardisation, quantizes and decodes, as the paper does.
+    A subclass defines pre_quant (frames -> latents) and post_quant (codes -> frames)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment)
-        # per-channel statistics of encoder outputs, set after training (fit_latent_stats)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment)
+        # per-channel statistics of the latents, fit after training in river (fit_latent_stats);
+        # an official autoencoder keeps mean 0 and std 1: its latents are used unscaled
         self.register_buffer("mean", torch.zeros(1, cfg.latent_dim, 1, 1))
         self.register_buffer("std", torch.ones(1, cfg.latent_dim, 1, 1))
 
     def forward(self, x):
         """Training pass: x (B, C, H, W) -> (reconstruction, vq loss, stats)."""
-        q, _, vq_loss, stats = self.quantizer(self.encoder(x))
-        return self.decoder(q), vq_loss, stats
+        q, _, vq_loss, stats = self.quantize(self.pre_quant(x))
+        return self.post_quant(q), vq_loss, stats
 
     @torch.no_grad()
     def encode(self, x):
         """Frames (B, C, H, W) -> standardised continuous latents (B, D, h, w)."""
-        return (self.encoder(x) - self.mean) / self.std
+        return (self.pre_quant(x) - self.mean) / self.std
 
     @torch.no_grad()
     def decode(self, z):
         """Standardised latents (B, D, h, w) -> frames (B, C, H, W) in [-1, 1]."""
-        return self.decoder(self.quantizer.lookup(z * self.std + self.mean)).clamp(-1, 1)
+        return self.post_quant(self.quantize.lookup(z * self.std + self.mean)).clamp(-1, 1)
 
     @torch.no_grad()
     def fit_latent_stats(self, frames):
-        """Set mean/std from encoder outputs of frames (B, C, H, W) so latents have unit scale,
+        """Set mean/std from the latents of frames (B, C, H, W) so they have unit scale,
         matching the N(0, I) noise that flow matching starts from."""
-        z = self.encoder(frames)
+        z = self.pre_quant(frames)
         self.mean.copy_(z.mean((0, 2, 3), keepdim=True))
         self.std.copy_(z.std((0, 2, 3), keepdim=True).clamp_min(1e-5))
 
 
+class VQAutoencoder(Autoencoder):
+    """Stage 1, taming's VQGAN: encoder, quant_conv (1x1), quantize, post_quant_conv (1x1),
+    decoder. The latents are the pre-quantization ones, after quant_conv."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        D = cfg.latent_dim
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
+
+    def pre_quant(self, x):
+        return self.quant_conv(self.encoder(x))
+
+    def post_quant(self, q):
+        return self.decoder(self.post_quant_conv(q))
+
+
+class PoolResBlock(nn.Module):
+    """The CLEVRER VQVAE's residual block: conv, average-pool by `pool`, norm, LeakyReLU(0.2),
+    conv, norm, plus a skip (1x1 conv, pool, norm when the shape changes), LeakyReLU. Its norms
+    are GroupNorms, although named bn."""
+
+    def __init__(self, ch_in, ch_out, pool=1):
+        super().__init__()
+        self.pool = pool
+        self.conv1, self.bn1 = nn.Conv2d(ch_in, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.conv2, self.bn2 = nn.Conv2d(ch_out, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.downsample = nn.Identity() if pool == 1 and ch_in == ch_out else nn.Sequential(
+            nn.Conv2d(ch_in, ch_out, 1, bias=False), nn.AvgPool2d(pool), norm(ch_out))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.bn1(F.avg_pool2d(self.conv1(x), self.pool)), 0.2)
+        return F.leaky_relu(self.bn2(self.conv2(h)) + self.downsample(x), 0.2)
+
+
+class UpBlock(nn.Module):
+    """Nearest x2, 3x3 conv, BatchNorm, LeakyReLU(0.2): the CLEVRER decoder's upsampling."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(F.interpolate(x, scale_factor=2.0))), 0.2)
+
+
+class ClevrerCoder(nn.Module):
+    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
+    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
+    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
+    single-head self-attention with a skip, residual block."""
+
+    def __init__(self, ch, c_in, c_out, decoder):
+        super().__init__()
+        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
+        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
+        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
+        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
+        self.post_attn_residual = PoolResBlock(mid, mid)
+        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
+                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
+        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
+        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
+        y = self.attn(y, y, y, need_weights=False)[0]
+        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
+        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
+        return torch.tanh(x) if self.decoder else x
+
+
+class ClevrerVQVAE(Autoencoder):
+    """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
+    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
+        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
+
+    def pre_quant(self, x):
+        return self.encoder(x)
+
+    def post_quant(self, q):
+        return self.decoder(q)
+
+
+AUTOENCODERS = {"vqgan": VQAutoencoder, "clevrer": ClevrerVQVAE}  # by Config.ae_kind
+
+
 # ---------------------------------------------------------------------------------------
-# U-Net vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w)
+# Vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w): river's U-Net,
+# and the U-ViT of the official code
 # ---------------------------------------------------------------------------------------
 
 def sinusoidal(x, dim):
-    """(B,) -> (B, dim) sin/cos features at geometric frequencies (transformer style)."""
+    """(B,) -> (B, dim) [cos | sin] features at frequencies 10000^(-k / (dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=x.device) / half)
     angles = x.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([angles.sin(), angles.cos()], 1)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the h*w positions of a feature map."""
-
-    def __init__(self, ch, heads=4):
-        super().__init__()
-        self.heads, self.norm = heads, norm(ch)
-        self.qkv, self.out = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x):
-        B, ch, h, w = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c",
-                            three=3, n=self.heads)  # 3 x (B, heads, h*w, ch/heads)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w))
+    return torch.cat([angles.cos(), angles.sin()], 1)
 
 
 class UNet(nn.Module):
@@ -531,15 +732,14 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
         self.mid1 = ResBlock(c, c, E)
-        self.mid_attn = Attention(c) if cfg.attention else nn.Identity()
+        self.mid_attn = Attention(c, heads=4) if cfg.attention else nn.Identity()
         self.mid2 = ResBlock(c, c, E)
         for i, width in reversed(list(enumerate(ch))):
             for _ in range(cfg.unet_blocks + 1):
                 self.up.append(ResBlock(c + skips.pop(), width, E))
                 c = width
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(Resample(c, down=False))
         self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, D, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # start as the zero field: a calm first step
         nn.init.zeros_(self.head[-1].bias)
@@ -560,6 +760,79 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.head(h)
+
+
+class GridPosition(nn.Module):
+    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
+
+    def __init__(self, dim, size=512):
+        super().__init__()
+        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
+        nn.init.uniform_(self.row_embed.weight, -1, 1)
+        nn.init.uniform_(self.col_embed.weight, -1, 1)
+
+    def forward(self, h, w):
+        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
+        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
+        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
+
+
+class TokenGrid(nn.Module):
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
+
+    def forward(self, x):
+        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
+
+
+class UViT(nn.Module):
+    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
+    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
+    long skips from in to out, and a convolutional head. Module names are the official ones, so
+    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, W = cfg.latent_dim, cfg.uvit_width
+
+        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
+            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
+                                              batch_first=True, norm_first=True)
+
+        self.position_encoding = GridPosition(W)
+        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
+        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
+        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
+        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
+        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
+                                        for _ in range(cfg.uvit_depth))
+        if cfg.uvit_head == "ln":
+            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
+                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
+        else:  # "bn"
+            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
+                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
+
+    def forward(self, x, t, ref, cond, d):
+        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        h, w = x.shape[-2:]
+        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
+        # every spatial token gets its position and the embedding of log d
+        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]
+        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
+        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
+        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
+        skips = []
+        for layer in self.in_blocks:
+            tokens = layer(tokens)
+            skips.append(tokens)
+        tokens = self.mid_blocks(tokens)
+        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
+            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
+        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
+
+
+FIELDS = {"unet": UNet, "uvit": UViT}  # by Config.field
 
 
 # ---------------------------------------------------------------------------------------
@@ -681,11 +954,11 @@ def warm_start_state(z_last, s, sigma_min, eps=None):
 
 
 class River(nn.Module):
-    """The whole model: a frozen VQ autoencoder and the U-Net vector field."""
+    """The whole model: a frozen VQ autoencoder and the vector field (Config.ae_kind, .field)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.ae, self.field = cfg, VQAutoencoder(cfg), UNet(cfg)
+        self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
 
     @torch.no_grad()
     def next_latent(self, history, steps, warm_start=0.0, solver="euler", past_horizon=-1):
@@ -709,7 +982,7 @@ class River(nn.Module):
         return integrate(field, x, time_grid(warm_start, steps), solver)
 
     @torch.no_grad()
-    def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver="euler",
+    def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver=None,
                         past_horizon=-1, verbose=False):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
 
@@ -719,6 +992,7 @@ class River(nn.Module):
         """
         steps = self.cfg.sample_steps if steps is None else steps
         warm_start = self.cfg.warm_start if warm_start is None else warm_start
+        solver = solver or self.cfg.solver
         B, n = context.shape[:2]
         z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
         history = rearrange(z, "(b n) d h w -> b n d h w", b=B)
@@ -731,6 +1005,86 @@ class River(nn.Module):
         z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
         return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+
+
+# ---------------------------------------------------------------------------------------
+# The released RIVER models (github.com/Araachie/river) in river's classes
+# ---------------------------------------------------------------------------------------
+
+OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
+RIVER_BUFFERS = ("mean", "std", "usage", "calls")  # river's own, absent from official files
+
+
+def official_config(name):
+    """The Config of the released model `name` (a key of OFFICIAL): its preset with the U-ViT
+    and the official sampler (rk4 on 100 grid points = 99 steps, from s = 0; a single context
+    frame duplicated in the history)."""
+    if name not in OFFICIAL:
+        raise RiverError(f"{name!r} is not an official RIVER configuration: use one of "
+                         f"{', '.join(OFFICIAL)}")
+    head = "bn" if name == "bair256" else "ln"
+    return replace(PRESETS[OFFICIAL[name]], field="uvit", uvit_head=head, sample_steps=99,
+                   solver="rk4", warm_start=0.0, official_history=True)
+
+
+def load_strict(module, state, prefixes, path, what):
+    """Load the tensors of an official state dict into module: a key under a file prefix of
+    `prefixes` ({file prefix: module prefix}) names the module's key after it (CLEVRER's
+    vector_quantizer is river's quantize). A one-line RiverError names the first key that does
+    not fit; river's own buffers keep their initial values (latents unscaled, codes unused)."""
+    own, mapped = module.state_dict(), {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        name = None if prefix is None else (
+            prefixes[prefix] + key[len(prefix):].replace("vector_quantizer.", "quantize.", 1))
+        if name not in own:
+            raise RiverError(f"{path}: {key} {tuple(value.shape)} is no key of {what}")
+        if own[name].shape != value.shape:
+            raise RiverError(f"{path}: {key} is {tuple(value.shape)} where {what} has "
+                             f"{tuple(own[name].shape)}: a file of another architecture?")
+        mapped[name] = value
+    missing = [k for k in own if k not in mapped and k.split(".")[-1] not in RIVER_BUFFERS]
+    if missing:
+        raise RiverError(f"{path} has no tensor for {missing[0]} {tuple(own[missing[0]].shape)} "
+                         f"of {what}")
+    module.load_state_dict(mapped, strict=False)  # strict in effect: every key was checked
+
+
+def load_autoencoder_file(path, ae, trust=False):
+    """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
+    quantize.*, quant_conv.*, post_quant_conv.*) or a CLEVRER vqvae.pth ("model" with
+    module.encoder.*, ...) into `ae`, an autoencoder built with the file's architecture
+    (ae_config). Returns ae in eval mode."""
+    state = torch_load(path, trust)
+    state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict):
+        raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
+                         "(model)")
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # taming's GAN, LPIPS
+    load_strict(ae, state, {"module.": "", "": ""}, path, f"this {type(ae).__name__}")
+    return ae.eval()
+
+
+def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields):
+    """A River in eval mode, configured as official_config(name) with `fields` on top (the test
+    fixtures' smaller widths), from a released model.pth ("model" with module.ae.*, for clevrer
+    module.ae.backbone.*, and module.vector_field_regressor.*); ae_path: the autoencoder from
+    its own file instead (load_autoencoder_file). trust: allow unpickling objects."""
+    cfg = replace(official_config(name), **fields)
+    state = torch_load(path, trust).get("model")
+    if not isinstance(state, dict):
+        raise RiverError(f"{path} has no 'model' state dict: not a RIVER model.pth")
+    model = River(cfg)
+    ae = "module.ae.backbone." if cfg.ae_kind == "clevrer" else "module.ae."
+    field = "module.vector_field_regressor."
+    what = f"an official {name} model"
+    if ae_path:  # the autoencoder from its own file; model.pth's copy is left out
+        load_autoencoder_file(ae_path, model.ae, trust)
+        state = {k: v for k, v in state.items() if not k.startswith(ae)}
+        load_strict(model.field, state, {field: ""}, path, what)
+    else:
+        load_strict(model, state, {ae: "ae.", field: "field."}, path, what)
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------
@@ -792,7 +1146,7 @@ def torch_load(path, trust=False):
     if not os.path.isfile(path):
         raise RiverError(f"checkpoint {path} not found: train first, or check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):
             raise RiverError(f"{path} is not a readable checkpoint (UnpicklingError): it may be "
@@ -802,6 +1156,9 @@ def torch_load(path, trust=False):
     except Exception as e:
         raise RiverError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                          "it may be truncated or not a torch file")
+    if not isinstance(ckpt, dict):
+        raise RiverError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
 
 
 class RunLog:
@@ -1249,7 +1606,7 @@ def eval_clips(data, split, context, frames, skip, videos, memory=False):
 
 
 @torch.no_grad()
-def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver="euler",
+def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver=None,
              batch=64, seed=0, i3d=None, fvd_context=True, memory=None):
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
@@ -1261,6 +1618,7 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     torch.manual_seed(seed)
     steps = model.cfg.sample_steps if steps is None else steps
     warm_start = model.cfg.warm_start if warm_start is None else warm_start
+    solver = solver or model.cfg.solver
     device = next(model.parameters()).device
     M, T = clips.shape[:2]
     truth = clips[:, context:]  # (M, P, C, H, W): P predicted frames
@@ -1629,13 +1987,14 @@ def cmd_eval(args):
                     args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
 
 
-def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver="euler",
+def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
              seed=0, i3d=None, protocol=None):
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
     steps = cfg.sample_steps if steps is None else steps
     warm_start = cfg.warm_start if warm_start is None else warm_start
+    solver = solver or cfg.solver
     context, frames = settings["context"], settings["frames"]
     clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
                                memory=True)
@@ -1841,8 +2200,9 @@ def build_parser():
         q.add_argument("--steps", type=int, help="solver steps over [0, 1] (default: the "
                        "preset's); a warm start at s takes about (1 - s) of them")
         q.add_argument("--warm-start", type=float, help="start time s in [0, 1)")
-        q.add_argument("--solver", default="euler", choices=tuple(SOLVERS),
-                       help="euler (default), midpoint or rk4 (the official sampler's 3/8 rule)")
+        q.add_argument("--solver", choices=tuple(SOLVERS),
+                       help="euler (river's default), midpoint or rk4 (the official sampler's "
+                            "3/8 rule, the default of --official models)")
 
     s = sub.add_parser("sample", help="predict videos; writes a GIF and a PNG grid")
     sampling(s)

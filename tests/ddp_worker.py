@@ -20,7 +20,7 @@ rank, world = river.dist_info()
 torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
 cfg = river.Config(ae_channels=(8, 16, 16), codebook_size=32, warmup=1)
 model = river.River(cfg)
-model.ae.quantizer.calls.fill_(1)  # no codebook restarts: the loss is a pure function of the batch
+model.ae.quantize.calls.fill_(1)  # no codebook restarts: the loss is a pure function of the batch
 g = torch.Generator().manual_seed(1)
 batches = [torch.rand(8, 3, 32, 32, generator=g) * 2 - 1 for _ in range(5)]
 

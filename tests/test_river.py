@@ -43,12 +43,12 @@ def test_shapes_through_every_module():
     cfg, B = SMALL, 3
     x = torch.randn(B, 3, 32, 32)
     ae = river.VQAutoencoder(cfg)
-    z = ae.encoder(x)
+    z = ae.pre_quant(x)
     assert z.shape == (B, cfg.latent_dim, 8, 8)  # 32 / 2**2
-    q, codes, loss, stats = ae.quantizer(z)
+    q, codes, loss, stats = ae.quantize(z)
     assert q.shape == z.shape and codes.shape == (B, 8, 8) and loss.dim() == 0
     assert 1 <= stats["codes_used"] <= cfg.codebook_size
-    assert ae.decoder(q).shape == x.shape
+    assert ae.post_quant(q).shape == x.shape
     assert ae.decode(ae.encode(x)).shape == x.shape
     net = river.UNet(cfg)
     t, d = torch.rand(B), torch.tensor([1, 2, 5])
@@ -61,9 +61,9 @@ def test_shapes_through_every_module():
 def test_decode_snaps_latents_to_codes():
     ae = river.VQAutoencoder(SMALL).eval()
     z = torch.randn(2, SMALL.latent_dim, 8, 8)
-    snapped = ae.quantizer.lookup(z)
+    snapped = ae.quantize.lookup(z)
     rows = river.rearrange(snapped, "b d h w -> (b h w) d")
-    assert all((ae.quantizer.codebook == r).all(1).any() for r in rows)
+    assert all((ae.quantize.embedding.weight == r).all(1).any() for r in rows)
 
 
 def test_straight_through_gradient_reaches_the_encoder():
@@ -79,7 +79,7 @@ def test_dead_codes_restart_at_encoder_outputs():
     vq = river.VectorQuantizer(K=16, D=4, commitment=0.25, restart_every=2)
     z = torch.randn(2, 4, 4, 4) * 5 + 100  # far from every initial code
     vq(z)  # first call: every code unused so far -> restarted at encoder outputs
-    assert (vq.codebook - 100).abs().mean() < 20
+    assert (vq.embedding.weight - 100).abs().mean() < 20
 
 
 # ----------------------------------------------------------------------------- flow matching
@@ -381,11 +381,13 @@ def test_overfitting_a_few_clips_drives_both_losses_down():
     def flow_loss():
         return river.flow_loss(model.field, latents.repeat(16, 1, 1, 1, 1), cfg)
 
-    for loss_fn, params in ((ae_loss, model.ae.parameters()), (flow_loss, model.field.parameters())):
+    # the VQGAN layout is deeper than the U-Net: on noise frames it needs more steps to get going
+    for loss_fn, params, steps in ((ae_loss, model.ae.parameters(), 200),
+                                   (flow_loss, model.field.parameters(), 120)):
         opt = torch.optim.Adam(params, 3e-3)
         torch.manual_seed(1)
         before = float(loss_fn().detach())
-        for _ in range(120):
+        for _ in range(steps):
             loss = loss_fn()
             opt.zero_grad()
             loss.backward()
