@@ -66,6 +66,8 @@ class Config:
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
+    latent_stats: bool = True    # standardise latents (river's autoencoders); False: unscaled,
+                                 # as the official code uses its VQGANs
     ae_steps: int = 500
     ae_batch: int = 64
     ae_lr: float = 2e-3
@@ -1452,19 +1454,22 @@ def train_autoencoder(model, cfg, data, run, device, ckpt=None, cache_mb=4096, *
     return psnr_db
 
 
-def autoencoder_state(path, trust=False):
-    """The autoencoder weights of an ae.pt or flow.pt checkpoint."""
-    ckpt = load_checkpoint(path, trust=trust)
-    return ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
+def autoencoder_state(path, cfg, trust=False):
+    """The weights of the autoencoder in `path`, as river's state dict: river's ae.pt or
+    flow.pt, or a taming .ckpt / CLEVRER vqvae.pth of cfg's architecture."""
+    ckpt = torch_load(path, trust)
+    if "river" in ckpt:
+        return ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
+    return load_autoencoder_file(path, AUTOENCODERS[cfg.ae_kind](cfg), trust).state_dict()
 
 
 def load_autoencoder(model, path, trust=False):
-    """Put the autoencoder of an ae.pt or flow.pt checkpoint into model.ae."""
+    """Put the autoencoder of `path` (see autoencoder_state) into model.ae."""
     try:
-        model.ae.load_state_dict(autoencoder_state(path, trust))
+        model.ae.load_state_dict(autoencoder_state(path, model.cfg, trust))
     except RuntimeError:
         raise RiverError(f"the autoencoder in {path} does not fit this config: pass the --preset "
-                         "and options it was trained with")
+                         "(or --ae-config) and options it was trained with")
 
 
 @torch.no_grad()
@@ -1484,7 +1489,8 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
     rank, world = dist_info()
     ae = model.ae.eval().requires_grad_(False)
     # deterministic statistics, so a resumed run standardises exactly as before
-    ae.fit_latent_stats(spread_frames(data, 1024, "train").to(device))
+    if cfg.latent_stats:  # river's own autoencoders; loaded official ones stay unscaled
+        ae.fit_latent_stats(spread_frames(data, 1024, "train").to(device))
     clips = ClipDataset(data, cfg.clip_frames, cfg.frame_skip, "train", cache_mb << 20)
     shard = list(range(rank, len(clips), world))
     if clips.in_ram:  # encode once: training then never runs the encoder
@@ -1744,6 +1750,8 @@ def make_config(args):
             cfg = config_from_dict(json.load(f))
     else:
         cfg = PRESETS[args.preset]
+    if args.ae_config:
+        cfg = replace(cfg, **ae_config(args.ae_config))
     overrides = {"ae_batch": args.batch_size, "flow_batch": args.batch_size,
                  "conditioning": args.conditioning, "clip_frames": args.clip_frames,
                  "frame_skip": args.frame_skip, "warmup": args.warmup,
@@ -1779,7 +1787,7 @@ def ae_fingerprint(state):
     """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
     which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
     digest = hashlib.sha256()
-    for key in sorted(k for k in state if k not in ("mean", "std")):
+    for key in sorted(k for k in state if k.split(".")[-1] not in RIVER_BUFFERS):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -1810,7 +1818,7 @@ def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=F
         raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
                          "trained on another autoencoder: pass --force to start over")
     if ckpts["flow"] and "flow" in STAGES[stage]:
-        ae_state = autoencoder_state(ae, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
+        ae_state = autoencoder_state(ae, cfg, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
         if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
             raise RiverError(f"{found['flow']} was trained on another autoencoder than "
                              f"{ae or found['ae']}: pass the same --ae, or --force to start over")
@@ -1845,6 +1853,8 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
     run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
     Returns the River (the flow stage's EMA field)."""
+    if ae and "river" not in torch_load(ae, trust):  # a taming/CLEVRER file: official latents
+        cfg = replace(cfg, latent_stats=False)
     ckpts = check_run(run, cfg, stage, ae, resume, force, trust)
     device = setup_distributed(pick_device(device))
     rank, world = dist_info()
@@ -1913,7 +1923,7 @@ def write_predictions(model, context, truth, frames, stem, **sample_args):
 def cmd_sample(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    model = load_river(args.ckpt or args.run, device, args.trust_checkpoint)
+    model = load_model(args, device)
     cfg = model.cfg
     context, frames = sampling_lengths(args, cfg)
     if not (args.input or args.data):
@@ -1970,9 +1980,19 @@ def eval_settings(args, cfg):
             for k, v in defaults.items()}
 
 
+def load_model(args, device):
+    """The model that sample and eval run: --official NAME with --ckpt (and --ae), or river's
+    run directory / flow.pt (--ckpt or --run)."""
+    if args.official:
+        if not args.ckpt:
+            raise RiverError(f"--official {args.official} needs --ckpt: the released model.pth")
+        return load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
+    return load_river(args.ckpt or args.run, device, args.trust_checkpoint)
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
-    model = load_river(args.run, device, args.trust_checkpoint)
+    model = load_model(args, device)
     settings = eval_settings(args, model.cfg)
     args.context, args.frames = settings["context"], settings["frames"]
     sampling_lengths(args, model.cfg)
@@ -1982,7 +2002,8 @@ def cmd_eval(args):
             i3d = torch.jit.load(args.fvd_i3d, map_location=device).eval()
         except Exception as e:
             raise RiverError(f"--fvd-i3d {args.fvd_i3d} is not a loadable TorchScript I3D ({e})")
-    out = args.out or os.path.join(args.run if os.path.isdir(args.run) else ".", "eval")
+    own_run = os.path.isdir(args.run) and not args.official
+    out = args.out or os.path.join(args.run if own_run else ".", "eval")
     return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
                     args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
 
@@ -2169,7 +2190,11 @@ def build_parser():
                         "since torchrun takes --run for its own --run-path")
     t.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     t.add_argument("--stage", default="all", choices=("ae", "flow", "all"))
-    t.add_argument("--ae", help="reuse the autoencoder of this ae.pt/flow.pt (skips stage 1)")
+    t.add_argument("--ae", help="train the flow stage on this autoencoder (skips stage 1): "
+                   "river's ae.pt/flow.pt, a taming VQGAN .ckpt or the CLEVRER vqvae.pth")
+    t.add_argument("--ae-config", choices=tuple(AE_CONFIGS),
+                   help="the architecture of an --ae file that is not river's (default: the "
+                        "preset's)")
     t.add_argument("--steps", type=int, help="optimizer steps of the stage(s) being trained")
     t.add_argument("--ae-steps", type=int)
     t.add_argument("--flow-steps", type=int)
@@ -2200,6 +2225,12 @@ def build_parser():
         q.add_argument("--steps", type=int, help="solver steps over [0, 1] (default: the "
                        "preset's); a warm start at s takes about (1 - s) of them")
         q.add_argument("--warm-start", type=float, help="start time s in [0, 1)")
+        q.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run), or with "
+                       "--official the released model.pth")
+        q.add_argument("--official", choices=tuple(OFFICIAL),
+                       help="run a released RIVER model: its configuration name")
+        q.add_argument("--ae", help="with --official: the autoencoder from its own file "
+                       "(vqvae.ckpt / vqvae.pth) instead of model.pth's copy")
         q.add_argument("--solver", choices=tuple(SOLVERS),
                        help="euler (river's default), midpoint or rk4 (the official sampler's "
                             "3/8 rule, the default of --official models)")
@@ -2207,7 +2238,6 @@ def build_parser():
     s = sub.add_parser("sample", help="predict videos; writes a GIF and a PNG grid")
     sampling(s)
     s.add_argument("--run", default="runs/tiny", help="run directory")
-    s.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run)")
     s.add_argument("--input", help="your own clip: a video file, a folder of frames (natural "
                    "order) or a .npy (T, H, W[, C]); resized as data_prep.py does")
     s.add_argument("--num", type=int, default=4, help="videos to predict")

@@ -211,3 +211,57 @@ def test_pickled_objects_need_trust(tmp_path):
         river.load_autoencoder_file(str(tmp_path / "vqvae.ckpt"), ae)
     assert "--trust-checkpoint" in one_line(e)
     river.load_autoencoder_file(str(tmp_path / "vqvae.ckpt"), ae, trust=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_sample_and_eval_run_a_released_model(tmp_path, monkeypatch):
+    """`sample --official NAME --ckpt model.pth` and `eval` with it; the fixture's small widths
+    stand in for the official ones (a real model.pth needs no such patch)."""
+    name, (official, ae_file, sizes) = "tiny-taming", CASES["tiny-taming"]
+    real = river.official_config
+    monkeypatch.setattr(river, "official_config", lambda n: river.replace(real(n), **sizes))
+    clip = (torch.rand(4, 64, 64, 3) * 255).to(torch.uint8).numpy()
+    import numpy as np
+    np.save(tmp_path / "clip.npy", clip)
+    model = ("--official", official, "--ckpt", path(name, "model.pth"), "--steps", "2")
+    river.main(["sample", *model, "--input", str(tmp_path / "clip.npy"), "--frames", "2",
+                "--out", str(tmp_path / "p.gif")])
+    assert (tmp_path / "p.gif").exists()
+    import data_prep
+    data = str(tmp_path / "d.h5")
+    data_prep.main(["synthetic", "--out", data, "--videos", "30", "--frames", "8", "--size", "64"])
+    river.main(["eval", *model, "--ae", path(name, ae_file), "--data", data, "--frames", "2",
+                "--videos", "2", "--out", str(tmp_path / "ev")])
+    import json
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert result["protocol"]["solver"] == "rk4" and result["nfe_per_frame"] == 8
+
+
+def test_train_a_flow_on_a_taming_autoencoder(tmp_path):
+    """--ae with a Lightning .ckpt (a trusted one carrying pickled hyper-parameters): the flow
+    trains on the official, unscaled latents, and the run refuses another autoencoder later."""
+    import data_prep
+    import json
+    data = str(tmp_path / "d.h5")
+    data_prep.main(["synthetic", "--out", data, "--videos", "30", "--frames", "8", "--size", "64"])
+    ckpt = torch.load(path("tiny-taming", "vqvae.ckpt"), weights_only=True)
+    ckpt["hyper_parameters"] = argparse.Namespace(embed_dim=4)  # as Lightning files carry
+    torch.save(ckpt, tmp_path / "lightning.ckpt")
+    cfg = river.replace(river.PRESETS["tiny"], **{k: v for k, v in CASES["tiny-taming"][2].items()
+                                                  if not k.startswith("uvit")},
+                        ae_attention=(2,), flow_steps=2, flow_batch=2, clip_frames=6)
+    run, ae = str(tmp_path / "run"), str(tmp_path / "lightning.ckpt")
+    with pytest.raises(river.RiverError, match="--trust-checkpoint"):
+        river.train(data, run, cfg, "flow", ae=ae, samples=False)
+    model = river.train(data, run, cfg, "flow", ae=ae, trust=True, samples=False)
+    assert json.loads(open(os.path.join(run, "config.json")).read())["latent_stats"] is False
+    assert float(model.ae.std.min()) == float(model.ae.std.max()) == 1.0  # unscaled latents
+    ref = torch.load(path("tiny-taming", "reference.pt"), weights_only=False)
+    torch.testing.assert_close(model.ae.encode(ref["ae_frames"]), ref["ae_encode"], atol=1e-4,
+                               rtol=0)
+    del ckpt["hyper_parameters"]
+    ckpt["state_dict"]["quant_conv.bias"] += 0.01  # another autoencoder in the same format
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(river.RiverError, match="another autoencoder"):
+        river.train(data, run, cfg, "flow", ae=str(tmp_path / "other.ckpt"), resume=True)
