@@ -43,6 +43,7 @@ from tqdm.auto import tqdm, trange
 
 import data_prep
 
+
 # ---------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def ae_config(name):
 GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_000,
                     flow_batch=16, flow_lr=1e-4, warmup=5000, ema_decay=0.9999)
 
+
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
     "tiny": Config(),
@@ -153,20 +155,6 @@ class RiverError(Exception):
     """A problem with the user's input; main() prints it as one line, without a traceback."""
 
 
-def pyplot():
-    """matplotlib, imported on first use and drawing to files only."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ---------------------------------------------------------------------------------------
 # Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
 # ---------------------------------------------------------------------------------------
@@ -181,6 +169,16 @@ def to_uint8(x):
     """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
+
+
+def pick_split(path, wanted):
+    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
+    splits = data_prep.splits_in(path)
+    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
+        return wanted
+    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
+    print(f"note: {path} has no {wanted!r} split; using {other!r}")
+    return other
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -240,15 +238,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------
-# Fast ops: plain PyTorch references, and the fused csrc/ kernels behind the same names
+# VQ autoencoder: frames (B, C, H, W) <-> latents (B, D, h, w)
 # ---------------------------------------------------------------------------------------
-# Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
-# of the sampler. Each has a reference written in plain PyTorch right here; csrc/ holds a
-# fused C++/CUDA version registered as torch.ops.river.*. RIVER_KERNELS=ref|ext forces
-# one side; by default the extension is used when it loads and the reference otherwise.
-
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-
+# river's autoencoder is taming's VQGAN (Esser et al. 2021) at the config's widths, with
+# taming's module names, so a taming checkpoint loads as it is. The official CLEVRER model
+# uses a smaller VQVAE of its own, ClevrerVQVAE, at the end of this section.
 
 def vq_nearest_reference(z, codebook):
     """Nearest code for every row of z. z: (N, D), codebook: (K, D).
@@ -261,81 +255,6 @@ def vq_nearest_reference(z, codebook):
     return idx, d2.clamp_min(0)
 
 
-def euler_step_reference_(x, v, dt):
-    """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
-    the fused op keeps dt in float32.)"""
-    return x.add_(v, alpha=dt)
-
-
-def csrc_build():
-    """csrc/build.py: the sources and flags of the extension, shared with setup.py."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("river_build", os.path.join(CSRC, "build.py"))
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
-
-
-@functools.cache
-def load_kernels():
-    """Load the csrc/ extension; return True when torch.ops.river.* are usable.
-
-    Order: an installed build (pip install -e . / setup.py build_ext --inplace) if it was
-    built from the current csrc/ sources, else a JIT build of them with ninja into torch's
-    extension cache (which rebuilds when they change). Failure warns once and returns False.
-    """
-    mode = os.environ.get("RIVER_KERNELS", "auto")
-    if mode not in ("auto", "ref", "ext"):
-        raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
-    if mode == "ref":
-        return False
-    try:
-        import importlib.util
-        build, installed = csrc_build(), importlib.util.find_spec("river_kernels")
-        if installed and build.built_hash(installed.origin) == build.source_hash():
-            import river_kernels  # noqa: F401  (registers the ops)
-        else:
-            if installed:
-                warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
-                              "compiling the current ones (pip install --no-build-isolation -e . "
-                              "rebuilds the installed copy)")
-            from torch.utils.cpp_extension import load
-            args = build.extension_args(build.want_cuda())
-            print("river: compiling the csrc/ kernels (about a minute, once per machine)",
-                  file=sys.stderr)
-            load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
-                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
-                 extra_ldflags=args["ldflags"], is_python_module=False)
-        _register_fakes()
-        return True
-    except Exception as e:  # no compiler, no ninja, a broken toolchain...
-        if mode == "ext":
-            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
-        cause = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
-                      "using the PyTorch reference ops")
-        return False
-
-
-def _register_fakes():
-    """Shape-only versions of the ops so torch.compile and opcheck can trace them."""
-    if getattr(_register_fakes, "done", False):
-        return
-
-    @torch.library.register_fake("river::vq_nearest")
-    def _(z, codebook):
-        return (z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0]))
-
-    @torch.library.register_fake("river::euler_step_")
-    def _(x, v, dt):
-        return None
-
-    _register_fakes.done = True
-
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def vq_nearest(z, codebook):
     """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
     bfloat16, one dtype and device), else vq_nearest_reference."""
@@ -344,24 +263,6 @@ def vq_nearest(z, codebook):
         return torch.ops.river.vq_nearest(z, codebook)
     return vq_nearest_reference(z, codebook)
 
-
-def euler_step_(x, v, dt):
-    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
-    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
-    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
-            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
-            and load_kernels()):
-        torch.ops.river.euler_step_(x, v, float(dt))
-        return x
-    return euler_step_reference_(x, v, dt)
-
-
-# ---------------------------------------------------------------------------------------
-# VQ autoencoder: frames (B, C, H, W) <-> latents (B, D, h, w)
-# ---------------------------------------------------------------------------------------
-# river's autoencoder is taming's VQGAN (Esser et al. 2021) at the config's widths, with
-# taming's module names, so a taming checkpoint loads as it is. The official CLEVRER model
-# uses a smaller VQVAE of its own, ClevrerVQVAE, at the end of this section.
 
 def norm(ch):
     """GroupNorm as in taming: 32 groups, eps 1e-6. A width that 32 does not divide (river's
@@ -838,7 +739,7 @@ FIELDS = {"unet": UNet, "uvit": UViT}  # by Config.field
 
 
 # ---------------------------------------------------------------------------------------
-# Flow matching: training pairs, the loss, the ODE solvers and the sampler
+# Flow matching: training pairs, the path from noise to data, its velocity, the loss
 # ---------------------------------------------------------------------------------------
 
 def training_indices(B, T, mode="random", device="cpu"):
@@ -861,21 +762,6 @@ def dense_conditioning(latents, ref, K):
     too late repeats its first frame."""
     rows = torch.arange(len(latents), device=latents.device)
     return torch.cat([latents[rows, (ref - k).clamp(min=0)] for k in range(1, K)], 1)
-
-
-def past_frame(L, B, mode="random", past_horizon=-1):
-    """The conditioning frame of one field evaluation when sampling, with L latents in the
-    history (the reference is L-1). random: c ~ U{max(0, L-1-H), ..., L-2} for a horizon H
-    (all of the past when H < 1), drawn by torch.randint on the CPU generator as the
-    official sampler draws it, so a seed means the same thing in both; a history of one
-    latent is its own past. Returns (c, d) on the CPU, d = max((L-1) - c, 1)."""
-    ref = L - 1
-    if mode == "random":
-        low = max(0, ref - past_horizon) if past_horizon > 0 else 0
-        c = torch.randint(low, max(ref, low + 1), (B,))
-    else:
-        c = torch.full((B,), ref if mode == "last" else max(ref - 1, 0))
-    return c, (ref - c).clamp(min=1)
 
 
 def interpolate(eps, z, t, sigma_min):
@@ -902,6 +788,28 @@ def flow_loss(field, latents, cfg):
     x_t = interpolate(eps, z, t, cfg.sigma_min)
     # loss = || v_theta(x_t, t | z_ref, z_cond, d) - u_t ||^2
     return F.mse_loss(field(x_t, t, z_ref, z_cond, d), target_velocity(eps, z, cfg.sigma_min))
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling: ODE solvers on the official grid, a new random past frame at every
+# evaluation, the warm start, and River, the whole model
+# ---------------------------------------------------------------------------------------
+
+def euler_step_reference_(x, v, dt):
+    """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
+    the fused op keeps dt in float32.)"""
+    return x.add_(v, alpha=dt)
+
+
+def euler_step_(x, v, dt):
+    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
+    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
+    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
+            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
+            and load_kernels()):
+        torch.ops.river.euler_step_(x, v, float(dt))
+        return x
+    return euler_step_reference_(x, v, dt)
 
 
 def euler_slope(field, x, t, dt):
@@ -946,6 +854,21 @@ def integrate(field, x, grid, solver="euler"):
         dt = t_next - t
         euler_step_(x, slope(field, x, t, float(dt)), float(dt))
     return x
+
+
+def past_frame(L, B, mode="random", past_horizon=-1):
+    """The conditioning frame of one field evaluation when sampling, with L latents in the
+    history (the reference is L-1). random: c ~ U{max(0, L-1-H), ..., L-2} for a horizon H
+    (all of the past when H < 1), drawn by torch.randint on the CPU generator as the
+    official sampler draws it, so a seed means the same thing in both; a history of one
+    latent is its own past. Returns (c, d) on the CPU, d = max((L-1) - c, 1)."""
+    ref = L - 1
+    if mode == "random":
+        low = max(0, ref - past_horizon) if past_horizon > 0 else 0
+        c = torch.randint(low, max(ref, low + 1), (B,))
+    else:
+        c = torch.full((B,), ref if mode == "last" else max(ref - 1, 0))
+    return c, (ref - c).clamp(min=1)
 
 
 def warm_start_state(z_last, s, sigma_min, eps=None):
@@ -1009,11 +932,20 @@ class River(nn.Module):
         return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
 
 
+# =======================================================================================
+# The method ends here. What follows is machinery: loading the released checkpoints, the
+# fused kernels, checkpoints and logs, the training loop, evaluation, pictures and the
+# command line.
+# =======================================================================================
+
+
 # ---------------------------------------------------------------------------------------
 # The released RIVER models (github.com/Araachie/river) in river's classes
 # ---------------------------------------------------------------------------------------
 
 OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
+
+
 RIVER_BUFFERS = ("mean", "std", "usage", "calls")  # river's own, absent from official files
 
 
@@ -1090,8 +1022,102 @@ def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields)
 
 
 # ---------------------------------------------------------------------------------------
-# Training: one loop for both stages, checkpoints that survive being killed
+# Fast ops: the fused csrc/ kernels behind vq_nearest and euler_step_
 # ---------------------------------------------------------------------------------------
+# Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
+# of the sampler. The method above calls them by name with their plain PyTorch references
+# beside them; csrc/ holds fused C++/CUDA versions registered as torch.ops.river.*.
+# RIVER_KERNELS=ref|ext forces one side; by default the extension is used when it loads.
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def csrc_build():
+    """csrc/build.py: the sources and flags of the extension, shared with setup.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("river_build", os.path.join(CSRC, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+@functools.cache
+def load_kernels():
+    """Load the csrc/ extension; return True when torch.ops.river.* are usable.
+
+    Order: an installed build (pip install -e . / setup.py build_ext --inplace) if it was
+    built from the current csrc/ sources, else a JIT build of them with ninja into torch's
+    extension cache (which rebuilds when they change). Failure warns once and returns False.
+    """
+    mode = os.environ.get("RIVER_KERNELS", "auto")
+    if mode not in ("auto", "ref", "ext"):
+        raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
+    if mode == "ref":
+        return False
+    try:
+        import importlib.util
+        build, installed = csrc_build(), importlib.util.find_spec("river_kernels")
+        if installed and build.built_hash(installed.origin) == build.source_hash():
+            import river_kernels  # noqa: F401  (registers the ops)
+        else:
+            if installed:
+                warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
+                              "compiling the current ones (pip install --no-build-isolation -e . "
+                              "rebuilds the installed copy)")
+            from torch.utils.cpp_extension import load
+            args = build.extension_args(build.want_cuda())
+            print("river: compiling the csrc/ kernels (about a minute, once per machine)",
+                  file=sys.stderr)
+            load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
+                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
+                 extra_ldflags=args["ldflags"], is_python_module=False)
+        _register_fakes()
+        return True
+    except Exception as e:  # no compiler, no ninja, a broken toolchain...
+        if mode == "ext":
+            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
+                      "using the PyTorch reference ops")
+        return False
+
+
+def _register_fakes():
+    """Shape-only versions of the ops so torch.compile and opcheck can trace them."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("river::vq_nearest")
+    def _(z, codebook):
+        return (z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0]))
+
+    @torch.library.register_fake("river::euler_step_")
+    def _(x, v, dt):
+        return None
+
+    _register_fakes.done = True
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------
+# Runs: devices, checkpoints that survive being killed, logs, several processes
+# ---------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib, imported on first use and drawing to files only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def lr_factor(step, warmup, total):
     """Linear warm-up, then polynomial decay with power 0.5 to zero at `total` (paper)."""
@@ -1124,25 +1150,6 @@ SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", 
                    "warm_start"}
 
 
-def load_checkpoint(path, cfg=None, trust=False):
-    """Load a river checkpoint (.pt), with one-line errors for files that are not one.
-
-    Only tensors and plain containers are unpickled (weights_only=True): opening a file
-    never runs code from it, unless trust=True (--trust-checkpoint) for a file the user
-    trusts. With cfg, the model-defining fields (all but SCHEDULE_FIELDS) must match.
-    """
-    ckpt = torch_load(path, trust)
-    if not isinstance(ckpt, dict) or "river" not in ckpt:
-        raise RiverError(f"{path} is not a river checkpoint")
-    if cfg is not None:
-        diff = sorted(k for k, v in asdict(cfg).items()
-                      if k not in SCHEDULE_FIELDS and ckpt["config"].get(k) != v)
-        if diff:
-            raise RiverError(f"{path} was trained with another config (differs in "
-                             f"{', '.join(diff)}): use the same --preset and options, or another --run")
-    return ckpt
-
-
 def torch_load(path, trust=False):
     """torch.load on the CPU, tensors only unless trust; one-line errors for unreadable files."""
     if not os.path.isfile(path):
@@ -1160,6 +1167,25 @@ def torch_load(path, trust=False):
                          "it may be truncated or not a torch file")
     if not isinstance(ckpt, dict):
         raise RiverError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def load_checkpoint(path, cfg=None, trust=False):
+    """Load a river checkpoint (.pt), with one-line errors for files that are not one.
+
+    Only tensors and plain containers are unpickled (weights_only=True): opening a file
+    never runs code from it, unless trust=True (--trust-checkpoint) for a file the user
+    trusts. With cfg, the model-defining fields (all but SCHEDULE_FIELDS) must match.
+    """
+    ckpt = torch_load(path, trust)
+    if not isinstance(ckpt, dict) or "river" not in ckpt:
+        raise RiverError(f"{path} is not a river checkpoint")
+    if cfg is not None:
+        diff = sorted(k for k, v in asdict(cfg).items()
+                      if k not in SCHEDULE_FIELDS and ckpt["config"].get(k) != v)
+        if diff:
+            raise RiverError(f"{path} was trained with another config (differs in "
+                             f"{', '.join(diff)}): use the same --preset and options, or another --run")
     return ckpt
 
 
@@ -1216,8 +1242,111 @@ class RunLog:
         plt.close(fig)
 
 
+def dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device):
+    """Join the process group when started by torchrun; returns the device for this rank."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def any_rank(flag):
+    """True if `flag` is true on any rank (Ctrl-C reaches ranks at different moments)."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def gather_rng_states():
+    """Every rank's torch RNG state, collected on all ranks (saved so a resume is exact)."""
+    state = torch.get_rng_state()
+    rank, world = dist_info()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------
+# Training: one loop for both stages
+# ---------------------------------------------------------------------------------------
+
 class Stop(Exception):
     """Raised after a checkpoint was saved because the user pressed Ctrl-C."""
+
+
+class Window:
+    """The losses since the last logged row, summed on the device (no per-step host sync)."""
+
+    def __init__(self):
+        self.total, self.count, self.tic = 0.0, 0, time.time()
+
+    def add(self, loss):
+        self.total, self.count = self.total + loss, self.count + 1
+
+    def pop(self):
+        """The row's mean loss and speed; starts a new window."""
+        row = {"loss": float(self.total) / self.count,
+               "steps_per_s": self.count / (time.time() - self.tic)}
+        self.__init__()
+        return row
+
+
+@torch.no_grad()
+def ema_update_(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta for every parameter, in one fused
+    call; buffers (e.g. usage counters) are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
+    """Restore a stage from its checkpoint; returns (step, bad_steps). The learning rate and
+    weight decay are today's: a longer budget stretches the schedule from the current step."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])  # its step count; lr_factor reads today's total
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group in opt.param_groups:
+        group.update(initial_lr=lr, weight_decay=weight_decay,
+                     lr=lr * sched.lr_lambdas[0](sched.last_epoch))
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    return ckpt["step"], ckpt.get("bad_steps", 0)
+
+
+def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
+    """One optimizer step (skipped when the gradient is not finite): the mean loss over
+    `accum` batches, their stats (tensors; read only when a row is logged) and the
+    gradient norm before clipping."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(accum):
+        batch = next(batches).to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss, stats = loss_fn(net, batch)
+        (loss / accum).backward()
+        total = total + loss.detach() / accum
+    # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        opt.step()
+    return total, stats, grad_norm
 
 
 def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckpt=None,
@@ -1293,111 +1422,41 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
     return ema if ema is not None else model
 
 
-def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
-    """One optimizer step (skipped when the gradient is not finite): the mean loss over
-    `accum` batches, their stats (tensors; read only when a row is logged) and the
-    gradient norm before clipping."""
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for _ in range(accum):
-        batch = next(batches).to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss, stats = loss_fn(net, batch)
-        (loss / accum).backward()
-        total = total + loss.detach() / accum
-    # clip_grad_norm_ sees the all-reduced gradients, so every rank agrees on skipping
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if torch.isfinite(grad_norm):
-        opt.step()
-    return total, stats, grad_norm
+# ---------------------------------------------------------------------------------------
+# Metrics: PSNR and SSIM
+# ---------------------------------------------------------------------------------------
+
+def psnr(a, b):
+    """PSNR in dB per image of a, b (..., C, H, W) in [-1, 1], measured on [0, 1]."""
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
-class Window:
-    """The losses since the last logged row, summed on the device (no per-step host sync)."""
+def ssim(a, b, window=11, sigma=1.5):
+    """SSIM per image of a, b (..., C, H, W) in [-1, 1], on [0, 1] (Wang et al. 2004):
+    an 11x11 Gaussian window with sigma 1.5, valid positions only, averaged over channels."""
+    shape = a.shape[:-3]
+    # float64: var = E[x^2] - E[x]^2 cancels badly in float32 next to c2 = 9e-4
+    a, b = ((x.double().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
+    C = a.shape[1]
+    g = torch.exp(-((torch.arange(window, device=a.device, dtype=a.dtype) - window // 2) ** 2)
+                  / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None]).expand(C, 1, window, window)  # one window per channel
 
-    def __init__(self):
-        self.total, self.count, self.tic = 0.0, 0, time.time()
+    def blur(x):
+        return F.conv2d(x, kernel, groups=C)
 
-    def add(self, loss):
-        self.total, self.count = self.total + loss, self.count + 1
-
-    def pop(self):
-        """The row's mean loss and speed; starts a new window."""
-        row = {"loss": float(self.total) / self.count,
-               "steps_per_s": self.count / (time.time() - self.tic)}
-        self.__init__()
-        return row
-
-
-@torch.no_grad()
-def ema_update_(ema, model, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta for every parameter, in one fused
-    call; buffers (e.g. usage counters) are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
-def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
-    """Restore a stage from its checkpoint; returns (step, bad_steps). The learning rate and
-    weight decay are today's: a longer budget stretches the schedule from the current step."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    sched.load_state_dict(ckpt["sched"])  # its step count; lr_factor reads today's total
-    sched.base_lrs = [lr] * len(opt.param_groups)
-    for group in opt.param_groups:
-        group.update(initial_lr=lr, weight_decay=weight_decay,
-                     lr=lr * sched.lr_lambdas[0](sched.last_epoch))
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
-    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-    return ckpt["step"], ckpt.get("bad_steps", 0)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1).float().reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------
-# Multi-process data parallel (torchrun): NCCL on GPUs, gloo on CPU
-# ---------------------------------------------------------------------------------------
-
-def dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def setup_distributed(device):
-    """Join the process group when started by torchrun; returns the device for this rank."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def any_rank(flag):
-    """True if `flag` is true on any rank (Ctrl-C reaches ranks at different moments)."""
-    if dist_info()[1] == 1:
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
-def gather_rng_states():
-    """Every rank's torch RNG state, collected on all ranks (saved so a resume is exact)."""
-    state = torch.get_rng_state()
-    rank, world = dist_info()
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-# ---------------------------------------------------------------------------------------
-# The two training stages
+# The two training stages, and the checks that keep a run directory safe
 # ---------------------------------------------------------------------------------------
 
 def endless(fn):
@@ -1430,30 +1489,6 @@ def psnr_of_reconstruction(ae, frames, device, chunk=256):
     return float(torch.cat(scores).mean())
 
 
-def train_autoencoder(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
-    """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses).
-    ckpt: the ae.pt to resume from; loop: accum and ckpt_every for train_stage."""
-    rank, world = dist_info()
-    frames = ClipDataset(data, frames=1, split="train", cache_bytes=cache_mb << 20)
-    shard = list(range(rank, len(frames), world))
-    batches = endless(lambda: frames.batch(cfg.ae_batch, shard)[:, 0])  # (B, C, H, W)
-    heldout = spread_frames(data)
-
-    def loss_fn(ae, x):
-        recon, vq_loss, stats = ae(x)
-        return F.mse_loss(recon, x) + vq_loss, stats
-
-    def evaluate(ae):
-        return {"recon_psnr": psnr_of_reconstruction(ae, heldout, device)}
-
-    train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, run, device,
-                ckpt=ckpt, evaluate=evaluate, **loop)
-    psnr_db = psnr_of_reconstruction(model.ae, heldout, device)
-    if rank == 0:
-        print(f"autoencoder: {psnr_db:.2f} dB PSNR on {len(heldout)} held-out frames")
-    return psnr_db
-
-
 def autoencoder_state(path, cfg, trust=False):
     """The weights of the autoencoder in `path`, as river's state dict: river's ae.pt or
     flow.pt, or a taming .ckpt / CLEVRER vqvae.pth of cfg's architecture."""
@@ -1481,6 +1516,30 @@ def encode_videos(ae, clips, device, chunk=512):
         x = to_float(video)  # (T, C, H, W)
         out.append(torch.cat([ae.encode(c.to(device)).cpu() for c in x.split(chunk)]))
     return out
+
+
+def train_autoencoder(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
+    """Stage 1: the VQ autoencoder on single frames (reconstruction MSE + VQ losses).
+    ckpt: the ae.pt to resume from; loop: accum and ckpt_every for train_stage."""
+    rank, world = dist_info()
+    frames = ClipDataset(data, frames=1, split="train", cache_bytes=cache_mb << 20)
+    shard = list(range(rank, len(frames), world))
+    batches = endless(lambda: frames.batch(cfg.ae_batch, shard)[:, 0])  # (B, C, H, W)
+    heldout = spread_frames(data)
+
+    def loss_fn(ae, x):
+        recon, vq_loss, stats = ae(x)
+        return F.mse_loss(recon, x) + vq_loss, stats
+
+    def evaluate(ae):
+        return {"recon_psnr": psnr_of_reconstruction(ae, heldout, device)}
+
+    train_stage("ae", model.ae, loss_fn, batches, cfg.ae_steps, cfg.ae_lr, cfg, run, device,
+                ckpt=ckpt, evaluate=evaluate, **loop)
+    psnr_db = psnr_of_reconstruction(model.ae, heldout, device)
+    if rank == 0:
+        print(f"autoencoder: {psnr_db:.2f} dB PSNR on {len(heldout)} held-out frames")
+    return psnr_db
 
 
 def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
@@ -1514,38 +1573,76 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
     return model
 
 
+STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
+
+
+def ae_fingerprint(state):
+    """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
+    which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k.split(".")[-1] not in RIVER_BUFFERS):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False):
+    """Every check on the run directory, before anything in it changes. Returns the
+    checkpoints a resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
+
+    Without resume or force, a checkpoint this training would overwrite is an error; a flow
+    checkpoint must belong to the autoencoder it continues with (`ae`: another file's).
+    """
+    found = {s: os.path.join(run, f"{s}.pt") for s in ("ae", "flow")}
+    found = {s: p for s, p in found.items() if os.path.exists(p)}
+    trains_ae = "ae" in STAGES[stage] and not ae
+    writes = [s for s in found if s in STAGES[stage] and (s == "flow" or trains_ae)]
+    if trains_ae and "flow" in found:
+        writes = sorted(set(writes) | {"flow"})  # a new autoencoder orphans the flow model
+    if force or not writes:
+        return {"ae": None, "flow": None}
+    names = " and ".join(os.path.basename(found[s]) for s in writes)
+    if not resume:
+        raise RiverError(f"{run} already holds {names}: pass --resume to continue training, "
+                         "or --force to start over (the old files are moved to a dated subfolder)")
+    ckpts = {s: load_checkpoint(found[s], cfg, trust) if s in found else None
+             for s in ("ae", "flow")}
+    if trains_ae and ckpts["flow"] and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
+        raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
+                         "trained on another autoencoder: pass --force to start over")
+    if ckpts["flow"] and "flow" in STAGES[stage]:
+        ae_state = autoencoder_state(ae, cfg, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
+        if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
+            raise RiverError(f"{found['flow']} was trained on another autoencoder than "
+                             f"{ae or found['ae']}: pass the same --ae, or --force to start over")
+    return ckpts
+
+
+def prepare_run(run, cfg, force=False, rank=0):
+    """Create the run directory and write config.json; with force, first move the files of
+    an earlier run into run/replaced-<date>/. One-line errors if that is impossible."""
+    try:
+        os.makedirs(run, exist_ok=True)
+        if rank != 0:
+            return
+        old = [n for n in os.listdir(run) if not n.startswith("replaced-")]
+        if force and old:
+            aside = os.path.join(run, time.strftime("replaced-%Y%m%d-%H%M%S"))
+            os.makedirs(aside)
+            for name in old:
+                os.replace(os.path.join(run, name), os.path.join(aside, name))
+            print(f"--force: moved {len(old)} files of the earlier run to {aside}")
+        tmp = os.path.join(run, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        os.replace(tmp, os.path.join(run, "config.json"))
+    except OSError as e:
+        raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
+
+
 # ---------------------------------------------------------------------------------------
-# Evaluation: PSNR, SSIM, FVD's Frechet distance, and the copy-last-frame baseline
+# Evaluation: FVD's Frechet distance, the field's protocols, the copy-last-frame baseline
 # ---------------------------------------------------------------------------------------
-
-def psnr(a, b):
-    """PSNR in dB per image of a, b (..., C, H, W) in [-1, 1], measured on [0, 1]."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def ssim(a, b, window=11, sigma=1.5):
-    """SSIM per image of a, b (..., C, H, W) in [-1, 1], on [0, 1] (Wang et al. 2004):
-    an 11x11 Gaussian window with sigma 1.5, valid positions only, averaged over channels."""
-    shape = a.shape[:-3]
-    # float64: var = E[x^2] - E[x]^2 cancels badly in float32 next to c2 = 9e-4
-    a, b = ((x.double().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
-    C = a.shape[1]
-    g = torch.exp(-((torch.arange(window, device=a.device, dtype=a.dtype) - window // 2) ** 2)
-                  / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None]).expand(C, 1, window, window)  # one window per channel
-
-    def blur(x):
-        return F.conv2d(x, kernel, groups=C)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).float().reshape(shape)
-
 
 def frechet_distance(mu1, cov1, mu2, cov2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
@@ -1658,6 +1755,45 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     return out
 
 
+# The field's evaluation conventions per data set (sources in the README): context and
+# predicted frames, test clips, samples per clip, which PSNR/SSIM is reported (best-of-N or
+# the mean over samples) and whether FVD's clips include the context frames.
+PROTOCOLS = {
+    "bair": dict(context=1, frames=15, videos=256, samples=100, report="best", fvd_context=True),
+    "kth": dict(context=10, frames=30, videos=256, samples=100, report="best", fvd_context=True),
+    "clevrer": dict(context=2, frames=14, videos=256, samples=1, report="mean", fvd_context=True),
+}
+
+
+def eval_settings(args, cfg):
+    """Each evaluation setting: the option if given, else the protocol's, else river's default."""
+    defaults = dict(context=cfg.context, frames=cfg.clip_frames - cfg.context, videos=256,
+                    samples=1, report="mean", fvd_context=True)
+    protocol = PROTOCOLS[args.protocol] if args.protocol else {}
+    given = {k: getattr(args, k, None) for k in defaults}
+    return {k: given[k] if given[k] is not None else protocol.get(k, v)
+            for k, v in defaults.items()}
+
+
+def print_eval(r):
+    p = r["protocol"]
+    print(f"protocol {p['name']}: {p['videos']} videos of split {p['split']!r}, {p['context']} "
+          f"context -> {p['predicted']} predicted frames, {p['samples']} sample(s) each (report "
+          f"{p['report']}), seed {p['seed']}, {p['solver']} {p['steps']} steps, warm start "
+          f"{p['warm_start']}")
+    print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
+    for name, label in (("model_mean", "model (mean of samples)"),
+                        ("model_best", f"model (best of {p['samples']})"),
+                        ("copy_last", "copy last frame")):
+        memory = r.get("memory_frames", {}).get(name)
+        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}" + (
+            f"   memory frames ({memory['frames']}): {memory['psnr']:.2f} {memory['ssim']:.3f}"
+            if memory else ""))
+    print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
+          "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
+                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
+
+
 def plot_per_frame(result, path, context):
     """PSNR per predicted frame: model (mean and best-of-N) against copy-last-frame."""
     plt = pyplot()
@@ -1735,11 +1871,100 @@ def save_grid(context, truth, pred, path, scale=2):
     plt.close(fig)
 
 
+def write_predictions(model, context, truth, frames, stem, **sample_args):
+    """Predict `frames` frames after context (B, n, C, H, W); write stem.gif and stem.png with
+    context, ground truth (B, frames, C, H, W, or None) and prediction side by side."""
+    device = next(model.parameters()).device
+    pred = model.generate_frames(context.to(device), frames, **sample_args)[:, context.shape[1]:]
+    pred = pred.cpu()
+    save_gif(side_by_side(context, truth, pred), stem + ".gif")
+    save_grid(context, truth, pred, stem + ".png")
+    return pred
+
+
 # ---------------------------------------------------------------------------------------
-# Command line: train, sample, eval
+# Commands: train, sample, eval, demo, claims, as functions and on the command line
 # ---------------------------------------------------------------------------------------
 
-STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
+def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
+          device=None, seed=0, samples=True, **options):
+    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
+    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
+    run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
+    Returns the River (the flow stage's EMA field)."""
+    if ae and "river" not in torch_load(ae, trust):  # a taming/CLEVRER file: official latents
+        cfg = replace(cfg, latent_stats=False)
+    ckpts = check_run(run, cfg, stage, ae, resume, force, trust)
+    device = setup_distributed(pick_device(device))
+    rank, world = dist_info()
+    torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
+    prepare_run(run, cfg, force, rank)
+    model = River(cfg).to(device)
+    if "ae" in STAGES[stage] and not ae:
+        train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
+    if "flow" in STAGES[stage]:
+        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust)
+        model.ae.to(device)
+        train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
+        if rank == 0 and samples:
+            clips = eval_clips(data, pick_split(data, "val"), cfg.context,
+                               cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
+            write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
+                              clips.shape[1] - cfg.context, os.path.join(run, "samples"))
+    return model
+
+
+def load_river(path, device, trust=False):
+    """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "flow.pt")
+    ckpt = load_checkpoint(path, trust=trust)
+    if ckpt["stage"] != "flow":
+        raise RiverError(f"{path} holds only the autoencoder: train the flow stage first "
+                         "(python river.py train --stage flow)")
+    model = River(config_from_dict(ckpt["config"]))
+    model.ae.load_state_dict(ckpt["ae"])
+    model.field.load_state_dict(ckpt["ema"] or ckpt["model"])
+    return model.to(device).eval()
+
+
+def load_model(args, device):
+    """The model that sample and eval run: --official NAME with --ckpt (and --ae), or river's
+    run directory / flow.pt (--ckpt or --run)."""
+    if args.official:
+        if not args.ckpt:
+            raise RiverError(f"--official {args.official} needs --ckpt: the released model.pth")
+        return load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
+    return load_river(args.ckpt or args.run, device, args.trust_checkpoint)
+
+
+def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
+             seed=0, i3d=None, protocol=None):
+    """Evaluate on a split with the settings of eval_settings; print the table and one JSON
+    line, write out.json and out_psnr.png. Returns the result."""
+    cfg = model.cfg
+    steps = cfg.sample_steps if steps is None else steps
+    warm_start = cfg.warm_start if warm_start is None else warm_start
+    solver = solver or cfg.solver
+    context, frames = settings["context"], settings["frames"]
+    clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
+                               memory=True)
+    result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
+                      seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory)
+    result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
+                          "videos": len(clips), "context": context, "predicted": frames,
+                          "frame_skip": cfg.frame_skip, "samples": settings["samples"],
+                          "report": settings["report"], "fvd_context": settings["fvd_context"],
+                          "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver}
+    print_eval(result)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot_per_frame(result, out + "_psnr.png", context)
+    print(json.dumps({k: v for k, v in result.items() if "per_frame" not in str(v)} |
+                     {n: {m: result[n][m] for m in ("psnr", "ssim")}
+                      for n in ("model_mean", "model_best", "copy_last")}))
+    print(f"wrote {out}.json and {out}_psnr.png")
+    return result
 
 
 def make_config(args):
@@ -1783,98 +2008,6 @@ def check_config(cfg):
         raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
-def ae_fingerprint(state):
-    """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
-    which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in state if k.split(".")[-1] not in RIVER_BUFFERS):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False):
-    """Every check on the run directory, before anything in it changes. Returns the
-    checkpoints a resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
-
-    Without resume or force, a checkpoint this training would overwrite is an error; a flow
-    checkpoint must belong to the autoencoder it continues with (`ae`: another file's).
-    """
-    found = {s: os.path.join(run, f"{s}.pt") for s in ("ae", "flow")}
-    found = {s: p for s, p in found.items() if os.path.exists(p)}
-    trains_ae = "ae" in STAGES[stage] and not ae
-    writes = [s for s in found if s in STAGES[stage] and (s == "flow" or trains_ae)]
-    if trains_ae and "flow" in found:
-        writes = sorted(set(writes) | {"flow"})  # a new autoencoder orphans the flow model
-    if force or not writes:
-        return {"ae": None, "flow": None}
-    names = " and ".join(os.path.basename(found[s]) for s in writes)
-    if not resume:
-        raise RiverError(f"{run} already holds {names}: pass --resume to continue training, "
-                         "or --force to start over (the old files are moved to a dated subfolder)")
-    ckpts = {s: load_checkpoint(found[s], cfg, trust) if s in found else None
-             for s in ("ae", "flow")}
-    if trains_ae and ckpts["flow"] and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
-        raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
-                         "trained on another autoencoder: pass --force to start over")
-    if ckpts["flow"] and "flow" in STAGES[stage]:
-        ae_state = autoencoder_state(ae, cfg, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
-        if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
-            raise RiverError(f"{found['flow']} was trained on another autoencoder than "
-                             f"{ae or found['ae']}: pass the same --ae, or --force to start over")
-    return ckpts
-
-
-def prepare_run(run, cfg, force=False, rank=0):
-    """Create the run directory and write config.json; with force, first move the files of
-    an earlier run into run/replaced-<date>/. One-line errors if that is impossible."""
-    try:
-        os.makedirs(run, exist_ok=True)
-        if rank != 0:
-            return
-        old = [n for n in os.listdir(run) if not n.startswith("replaced-")]
-        if force and old:
-            aside = os.path.join(run, time.strftime("replaced-%Y%m%d-%H%M%S"))
-            os.makedirs(aside)
-            for name in old:
-                os.replace(os.path.join(run, name), os.path.join(aside, name))
-            print(f"--force: moved {len(old)} files of the earlier run to {aside}")
-        tmp = os.path.join(run, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-        os.replace(tmp, os.path.join(run, "config.json"))
-    except OSError as e:
-        raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
-
-
-def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
-          device=None, seed=0, samples=True, **options):
-    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
-    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
-    run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
-    Returns the River (the flow stage's EMA field)."""
-    if ae and "river" not in torch_load(ae, trust):  # a taming/CLEVRER file: official latents
-        cfg = replace(cfg, latent_stats=False)
-    ckpts = check_run(run, cfg, stage, ae, resume, force, trust)
-    device = setup_distributed(pick_device(device))
-    rank, world = dist_info()
-    torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
-    prepare_run(run, cfg, force, rank)
-    model = River(cfg).to(device)
-    if "ae" in STAGES[stage] and not ae:
-        train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
-    if "flow" in STAGES[stage]:
-        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust)
-        model.ae.to(device)
-        train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
-        if rank == 0 and samples:
-            clips = eval_clips(data, pick_split(data, "val"), cfg.context,
-                               cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
-            write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
-                              clips.shape[1] - cfg.context, os.path.join(run, "samples"))
-    return model
-
-
 def cmd_train(args):
     cfg = make_config(args)
     train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
@@ -1885,39 +2018,17 @@ def cmd_train(args):
               f"{', samples.gif' if args.stage != 'ae' else ''})")
 
 
-def pick_split(path, wanted):
-    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
-    splits = data_prep.splits_in(path)
-    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
-        return wanted
-    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
-    print(f"note: {path} has no {wanted!r} split; using {other!r}")
-    return other
-
-
-def load_river(path, device, trust=False):
-    """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "flow.pt")
-    ckpt = load_checkpoint(path, trust=trust)
-    if ckpt["stage"] != "flow":
-        raise RiverError(f"{path} holds only the autoencoder: train the flow stage first "
-                         "(python river.py train --stage flow)")
-    model = River(config_from_dict(ckpt["config"]))
-    model.ae.load_state_dict(ckpt["ae"])
-    model.field.load_state_dict(ckpt["ema"] or ckpt["model"])
-    return model.to(device).eval()
-
-
-def write_predictions(model, context, truth, frames, stem, **sample_args):
-    """Predict `frames` frames after context (B, n, C, H, W); write stem.gif and stem.png with
-    context, ground truth (B, frames, C, H, W, or None) and prediction side by side."""
-    device = next(model.parameters()).device
-    pred = model.generate_frames(context.to(device), frames, **sample_args)[:, context.shape[1]:]
-    pred = pred.cpu()
-    save_gif(side_by_side(context, truth, pred), stem + ".gif")
-    save_grid(context, truth, pred, stem + ".png")
-    return pred
+def sampling_lengths(args, cfg):
+    """(context, frames) from the options or the preset; every sampling option checked."""
+    context = cfg.context if args.context is None else args.context
+    frames = cfg.clip_frames - context if args.frames is None else args.frames
+    if context < 1 or frames < 1:
+        raise RiverError(f"--context and --frames must be at least 1, got {context} and {frames}")
+    if args.steps is not None and args.steps < 1:
+        raise RiverError(f"--steps must be at least 1, got {args.steps}")
+    if args.warm_start is not None and not 0 <= args.warm_start < 1:
+        raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
+    return context, frames
 
 
 def cmd_sample(args):
@@ -1947,49 +2058,6 @@ def cmd_sample(args):
     print(f"wrote {stem}.gif and {stem}.png")
 
 
-def sampling_lengths(args, cfg):
-    """(context, frames) from the options or the preset; every sampling option checked."""
-    context = cfg.context if args.context is None else args.context
-    frames = cfg.clip_frames - context if args.frames is None else args.frames
-    if context < 1 or frames < 1:
-        raise RiverError(f"--context and --frames must be at least 1, got {context} and {frames}")
-    if args.steps is not None and args.steps < 1:
-        raise RiverError(f"--steps must be at least 1, got {args.steps}")
-    if args.warm_start is not None and not 0 <= args.warm_start < 1:
-        raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
-    return context, frames
-
-
-# The field's evaluation conventions per data set (sources in the README): context and
-# predicted frames, test clips, samples per clip, which PSNR/SSIM is reported (best-of-N or
-# the mean over samples) and whether FVD's clips include the context frames.
-PROTOCOLS = {
-    "bair": dict(context=1, frames=15, videos=256, samples=100, report="best", fvd_context=True),
-    "kth": dict(context=10, frames=30, videos=256, samples=100, report="best", fvd_context=True),
-    "clevrer": dict(context=2, frames=14, videos=256, samples=1, report="mean", fvd_context=True),
-}
-
-
-def eval_settings(args, cfg):
-    """Each evaluation setting: the option if given, else the protocol's, else river's default."""
-    defaults = dict(context=cfg.context, frames=cfg.clip_frames - cfg.context, videos=256,
-                    samples=1, report="mean", fvd_context=True)
-    protocol = PROTOCOLS[args.protocol] if args.protocol else {}
-    given = {k: getattr(args, k, None) for k in defaults}
-    return {k: given[k] if given[k] is not None else protocol.get(k, v)
-            for k, v in defaults.items()}
-
-
-def load_model(args, device):
-    """The model that sample and eval run: --official NAME with --ckpt (and --ae), or river's
-    run directory / flow.pt (--ckpt or --run)."""
-    if args.official:
-        if not args.ckpt:
-            raise RiverError(f"--official {args.official} needs --ckpt: the released model.pth")
-        return load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
-    return load_river(args.ckpt or args.run, device, args.trust_checkpoint)
-
-
 def cmd_eval(args):
     device = pick_device(args.device)
     model = load_model(args, device)
@@ -2007,58 +2075,6 @@ def cmd_eval(args):
     return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
                     args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
 
-
-def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
-             seed=0, i3d=None, protocol=None):
-    """Evaluate on a split with the settings of eval_settings; print the table and one JSON
-    line, write out.json and out_psnr.png. Returns the result."""
-    cfg = model.cfg
-    steps = cfg.sample_steps if steps is None else steps
-    warm_start = cfg.warm_start if warm_start is None else warm_start
-    solver = solver or cfg.solver
-    context, frames = settings["context"], settings["frames"]
-    clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
-                               memory=True)
-    result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
-                      seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory)
-    result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
-                          "videos": len(clips), "context": context, "predicted": frames,
-                          "frame_skip": cfg.frame_skip, "samples": settings["samples"],
-                          "report": settings["report"], "fvd_context": settings["fvd_context"],
-                          "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver}
-    print_eval(result)
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    plot_per_frame(result, out + "_psnr.png", context)
-    print(json.dumps({k: v for k, v in result.items() if "per_frame" not in str(v)} |
-                     {n: {m: result[n][m] for m in ("psnr", "ssim")}
-                      for n in ("model_mean", "model_best", "copy_last")}))
-    print(f"wrote {out}.json and {out}_psnr.png")
-    return result
-
-
-def print_eval(r):
-    p = r["protocol"]
-    print(f"protocol {p['name']}: {p['videos']} videos of split {p['split']!r}, {p['context']} "
-          f"context -> {p['predicted']} predicted frames, {p['samples']} sample(s) each (report "
-          f"{p['report']}), seed {p['seed']}, {p['solver']} {p['steps']} steps, warm start "
-          f"{p['warm_start']}")
-    print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
-    for name, label in (("model_mean", "model (mean of samples)"),
-                        ("model_best", f"model (best of {p['samples']})"),
-                        ("copy_last", "copy last frame")):
-        memory = r.get("memory_frames", {}).get(name)
-        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}" + (
-            f"   memory frames ({memory['frames']}): {memory['psnr']:.2f} {memory['ssim']:.3f}"
-            if memory else ""))
-    print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
-          "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
-                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
-
-
-# ---------------------------------------------------------------------------------------
-# The demo and the paper's claims at small scale
-# ---------------------------------------------------------------------------------------
 
 def cmd_demo(args):
     """Data, both stages, evaluation and pictures on the built-in bouncing balls, from scratch.
