@@ -18,6 +18,7 @@ Glossary of letters used in shape comments:
 """
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -1136,9 +1137,9 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def sweep_temporary_files(run, stage):
-    """Remove the temporary files of a save that a kill interrupted."""
-    for name in os.listdir(run):
+def sweep_temporary_files(run, stage, rank=0):
+    """Remove the temporary files of a save that a kill interrupted (rank 0 only)."""
+    for name in os.listdir(run) if rank == 0 else []:
         if name.startswith(f"{stage}.pt.tmp-"):
             os.remove(os.path.join(run, name))
 
@@ -1283,6 +1284,17 @@ def gather_rng_states():
 # Training: one loop for both stages
 # ---------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def sigint_flag():
+    """Ctrl-C appends to the yielded list instead of raising, so the loop can save first."""
+    flag = []
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(1))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Stop(Exception):
     """Raised after a checkpoint was saved because the user pressed Ctrl-C."""
 
@@ -1305,9 +1317,11 @@ class Window:
 
 
 @torch.no_grad()
-def ema_update_(ema, model, decay):
+def ema_update_(ema, model, ema_decay, step):
     """theta_ema <- decay theta_ema + (1 - decay) theta for every parameter, in one fused
-    call; buffers (e.g. usage counters) are copied."""
+    call, with decay = min(ema_decay, (1 + step) / (10 + step)): a short memory early on.
+    Buffers (e.g. usage counters) are copied."""
+    decay = min(ema_decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
@@ -1358,15 +1372,13 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
     ckpt_every steps and at the end; ckpt (a loaded <stage>.pt) resumes from it. Returns
     the model, or its EMA copy when ema_decay > 0.
     """
-    rank, world = dist_info()
+    (rank, world), step, bad_steps = dist_info(), 0, 0
     log, path = RunLog(run, rank == 0), os.path.join(run, f"{stage}.pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
-    step, bad_steps = 0, 0
-    if rank == 0:
-        sweep_temporary_files(run, stage)
+    sweep_temporary_files(run, stage, rank)
     if ckpt is not None:
         step, bad_steps = resume(ckpt, model, opt, sched, ema, lr, cfg.weight_decay, rank)
         log.rewind(stage, step)
@@ -1381,31 +1393,26 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
             save_atomic(state, path)
             log.plot()
 
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     bar = trange(step, steps, initial=step, total=steps, desc=stage, disable=rank != 0 or None,
                  dynamic_ncols=True)
     window = Window()
-    try:
+    with sigint_flag() as interrupted, bar:
         for step in bar:
             loss, stats, grad_norm = train_step(net, model, opt, loss_fn, batches, accum, device,
                                                 cfg.grad_clip)
             if torch.isfinite(grad_norm):
                 sched.step()
                 if ema is not None:
-                    # short memory early on: decay (1 + step) / (10 + step) until it reaches ema_decay
-                    ema_update_(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+                    ema_update_(ema, model, ema_decay, step)
                 window.add(loss)
-            else:  # the step was skipped: a poisoned update never happens
-                bad_steps += 1
-                if bad_steps > 20:
-                    raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower the learning "
-                                     "rate or check the data, then --resume")
+            elif (bad_steps := bad_steps + 1) > 20:  # skipped steps: no poisoned update happens
+                raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower the learning "
+                                 "rate or check the data, then --resume")
             done = step + 1
             if (done % log_every == 0 or done == steps) and window.count:
                 row = {"stage": stage, "step": done, **window.pop(), "lr": sched.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "bad_steps": bad_steps,
-                       **{k: float(v) for k, v in stats.items()}}
+                       **{k: float(v) for k, v in stats.items()}}  # stats: read only here
                 if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
                     row.update(evaluate(model))
                 log.write(row)
@@ -1416,9 +1423,6 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
                 save()
             if stop:
                 raise Stop(f"interrupted: saved {path} at step {step}; continue with --resume")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        bar.close()
     return ema if ema is not None else model
 
 
@@ -2019,15 +2023,12 @@ def cmd_train(args):
 
 
 def sampling_lengths(args, cfg):
-    """(context, frames) from the options or the preset; every sampling option checked."""
+    """(context, frames): the options, else the preset's (argparse checked their range)."""
     context = cfg.context if args.context is None else args.context
     frames = cfg.clip_frames - context if args.frames is None else args.frames
-    if context < 1 or frames < 1:
-        raise RiverError(f"--context and --frames must be at least 1, got {context} and {frames}")
-    if args.steps is not None and args.steps < 1:
-        raise RiverError(f"--steps must be at least 1, got {args.steps}")
-    if args.warm_start is not None and not 0 <= args.warm_start < 1:
-        raise RiverError(f"--warm-start must be in [0, 1), got {args.warm_start}")
+    if frames < 1:
+        raise RiverError(f"--context {context} leaves no frame of a {cfg.clip_frames}-frame clip "
+                         "to predict: pass --frames")
     return context, frames
 
 
@@ -2178,6 +2179,14 @@ def positive(text):
     return value
 
 
+def start_time(text):
+    """argparse type: a warm-start time s in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other user error of river."""
 
@@ -2187,41 +2196,40 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser():
-    p = Parser(prog="river.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def add_common_options(q):
+    q.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that hold pickled Python objects (they can run code "
+                        "when loaded): only for files from a source you trust")
 
-    def common(q):
-        q.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--trust-checkpoint", action="store_true",
-                       help="allow checkpoints that hold pickled Python objects (they can run "
-                            "code when loaded): only for files from a source you trust")
 
-    t = sub.add_parser("train", help="train the autoencoder, then the flow model")
-    common(t)
+def add_train_options(t):
+    add_common_options(t)
     t.add_argument("--data", required=True, help="HDF5 file or shard directory (data_prep.py)")
     t.add_argument("--run", "--run-dir", dest="run", default="runs/tiny",
                    help="run directory (default: runs/tiny); under torchrun write --run-dir, "
                         "since torchrun takes --run for its own --run-path")
     t.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
-    t.add_argument("--stage", default="all", choices=("ae", "flow", "all"))
+    t.add_argument("--stage", default="all", choices=tuple(STAGES))
     t.add_argument("--ae", help="train the flow stage on this autoencoder (skips stage 1): "
                    "river's ae.pt/flow.pt, a taming VQGAN .ckpt or the CLEVRER vqvae.pth")
     t.add_argument("--ae-config", choices=tuple(AE_CONFIGS),
                    help="the architecture of an --ae file that is not river's (default: the "
                         "preset's)")
-    t.add_argument("--steps", type=int, help="optimizer steps of the stage(s) being trained")
-    t.add_argument("--ae-steps", type=int)
-    t.add_argument("--flow-steps", type=int)
-    t.add_argument("--batch-size", type=int, help="clips (flow) or frames (ae) per step and rank")
-    t.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
-    t.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
+    t.add_argument("--steps", type=positive, help="optimizer steps of the stage(s) trained")
+    t.add_argument("--ae-steps", type=positive)
+    t.add_argument("--flow-steps", type=positive)
+    t.add_argument("--batch-size", type=positive, help="clips (flow) or frames (ae) per step "
+                   "and rank")
+    t.add_argument("--lr", type=float, help="peak learning rate of the stage(s) trained")
+    t.add_argument("--warmup", type=positive, help="learning-rate warm-up steps")
     t.add_argument("--accum", type=positive, default=1, help="gradient accumulation steps")
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
-    t.add_argument("--frame-skip", type=int, help="use every k-th frame (preset's default)")
+    t.add_argument("--frame-skip", type=positive, help="stride between kept frames (preset's)")
     t.add_argument("--conditioning", choices=("random", "last", "fixed", "dense"),
-                   help="past frame used as condition: random (paper), last, fixed (ablations)")
+                   help="past frame used as condition: random (paper); last, fixed, dense: "
+                        "ablations")
     t.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoints; step counts, batch size, learning "
                         "rate and warm-up may change, the model may not")
@@ -2232,51 +2240,58 @@ def build_parser():
     t.add_argument("--cache-mb", type=int, default=4096,
                    help="a split up to this size is read into RAM, a larger one streamed")
 
-    def sampling(q):
-        common(q)
-        q.add_argument("--data", help="HDF5 file or shard directory")
-        q.add_argument("--split", default="test")
-        q.add_argument("--context", type=int, help="context frames (default: the preset's)")
-        q.add_argument("--frames", type=int, help="frames to predict")
-        q.add_argument("--steps", type=int, help="solver steps over [0, 1] (default: the "
-                       "preset's); a warm start at s takes about (1 - s) of them")
-        q.add_argument("--warm-start", type=float, help="start time s in [0, 1)")
-        q.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run), or with "
-                       "--official the released model.pth")
-        q.add_argument("--official", choices=tuple(OFFICIAL),
-                       help="run a released RIVER model: its configuration name")
-        q.add_argument("--ae", help="with --official: the autoencoder from its own file "
-                       "(vqvae.ckpt / vqvae.pth) instead of model.pth's copy")
-        q.add_argument("--solver", choices=tuple(SOLVERS),
-                       help="euler (river's default), midpoint or rk4 (the official sampler's "
-                            "3/8 rule, the default of --official models)")
+
+def add_sampling_options(q):
+    add_common_options(q)
+    q.add_argument("--data", help="HDF5 file or shard directory")
+    q.add_argument("--split", default="test")
+    q.add_argument("--context", type=positive, help="context frames (default: the preset's)")
+    q.add_argument("--frames", type=positive, help="frames to predict")
+    q.add_argument("--steps", type=positive, help="solver steps over [0, 1] (default: the "
+                   "preset's); a warm start at s takes about (1 - s) of them")
+    q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
+    q.add_argument("--solver", choices=tuple(SOLVERS),
+                   help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
+                        "rule, the default of --official models)")
+    q.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run), or with --official "
+                   "the released model.pth")
+    q.add_argument("--official", choices=tuple(OFFICIAL),
+                   help="run a released RIVER model: its configuration name")
+    q.add_argument("--ae", help="with --official: the autoencoder from its own file "
+                   "(vqvae.ckpt / vqvae.pth) instead of model.pth's copy")
+
+
+def build_parser():
+    p = Parser(prog="river.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_options(sub.add_parser("train", help="train the autoencoder, then the flow model"))
 
     s = sub.add_parser("sample", help="predict videos; writes a GIF and a PNG grid")
-    sampling(s)
+    add_sampling_options(s)
     s.add_argument("--run", default="runs/tiny", help="run directory")
     s.add_argument("--input", help="your own clip: a video file, a folder of frames (natural "
                    "order) or a .npy (T, H, W[, C]); resized as data_prep.py does")
-    s.add_argument("--num", type=int, default=4, help="videos to predict")
+    s.add_argument("--num", type=positive, default=4, help="videos to predict")
     s.add_argument("--out", default="pred.gif")
 
     e = sub.add_parser("eval", help="PSNR/SSIM (and FVD) against the copy-last-frame baseline")
-    sampling(e)
+    add_sampling_options(e)
     e.add_argument("--run", default="runs/tiny", help="run directory or flow.pt")
     e.add_argument("--protocol", choices=tuple(PROTOCOLS),
                    help="the field's conventions for this data set (frames, clips, samples, FVD "
                         "clip); options given explicitly override them")
-    e.add_argument("--samples", type=int, help="samples per video (best-of-N; default 1)")
+    e.add_argument("--samples", type=positive, help="samples per video (best-of-N; default 1)")
     e.add_argument("--videos", type=int, help="videos to evaluate (0: all; default 256)")
     e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
     e.add_argument("--out", help="output stem (default: RUN/eval)")
 
     d = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (no download)")
-    common(d)
+    add_common_options(d)
     d.add_argument("--data", default="data/balls.h5", help="made here unless it exists")
     d.add_argument("--run", default="runs/demo")
 
     c = sub.add_parser("claims", help="the paper's claims at small scale, on the demo's data")
-    common(c)
+    add_common_options(c)
     c.add_argument("--data", default="data/balls.h5")
     c.add_argument("--run", default="runs/demo", help="a trained run (the demo's)")
     c.add_argument("--out", default="runs/claims")
