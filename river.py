@@ -436,8 +436,9 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self.restart_dead_codes(flat.detach(), counts)
         p = counts / counts.sum()
-        stats = {"perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum())),
-                 "codes_used": int((counts > 0).sum())}
+        # perplexity = exp(-sum_k p_k log p_k): K when every code is used equally, 1 for one code
+        stats = {"perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),
+                 "codes_used": (counts > 0).sum()}  # tensors: read only when a row is logged
         q = rearrange(q, "(b h w) d -> b d h w", b=B, h=h, w=w)
         return q, idx.view(B, h, w), loss, stats
 
@@ -1122,6 +1123,8 @@ def pick_device(name=None):
 
 def lr_factor(step, warmup, total):
     """Linear warm-up, then polynomial decay with power 0.5 to zero at `total` (paper)."""
+    # lr(step) = lr * (step + 1) / warmup during warm-up, then
+    # lr * sqrt(1 - (step - warmup) / (total - warmup))
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.5
