@@ -7,6 +7,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A small bouncing-balls file: 24 videos of 20 frames, 32x32 (read-only for the tests)."""
+    import data_prep
+    path = str(tmp_path_factory.mktemp("data") / "balls.h5")
+    data_prep.main(["synthetic", "--out", path, "--videos", "24", "--frames", "20"])
+    return path
+
+
 @pytest.fixture
 def av():
     """PyAV, the optional `video` extra (CI installs it)."""

@@ -17,14 +17,6 @@ SMALL = river.Config(ae_channels=(8, 16, 16), codebook_size=32, unet_channels=(1
                      unet_blocks=1, clip_frames=6)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small bouncing-balls file: 24 videos of 20 frames, 32x32."""
-    path = str(tmp_path_factory.mktemp("data") / "balls.h5")
-    data_prep.main(["synthetic", "--out", path, "--videos", "24", "--frames", "20"])
-    return path
-
-
 def train_args(data, run, *extra):
     return ["train", "--data", data, "--run", str(run), "--ae-steps", "6", "--flow-steps", "6",
             "--batch-size", "4", *extra]

@@ -20,13 +20,6 @@ ENV = {**os.environ, "RIVER_KERNELS": os.environ.get("RIVER_KERNELS", "ref"),
        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "balls.h5")
-    data_prep.main(["synthetic", "--out", path, "--videos", "24", "--frames", "20"])
-    return path
-
-
 def river_cli(*args, **kw):
     return subprocess.run([sys.executable, os.path.join(ROOT, "river.py"), *map(str, args)],
                           capture_output=True, text=True, env=ENV, cwd=kw.get("cwd", ROOT),
