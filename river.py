@@ -2113,65 +2113,17 @@ def cmd_demo(args):
 
 
 def cmd_claims(args):
-    """The paper's two claims on the demo data: random past-frame conditioning against the last
-    frame alone or plus a fixed previous frame (same budget), and steps x warm start."""
-    device = pick_device(args.device)
-    base = load_river(args.run, device)
-    cfg = base.cfg
-    context, frames = cfg.context, cfg.clip_frames - cfg.context
-    split = pick_split(args.data, "test")
-    clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.videos)
-    budget = args.flow_steps or cfg.flow_steps
-    rows = {}
-    for mode in ("random", "last", "fixed"):  # the same autoencoder and budget
-        if mode == cfg.conditioning and budget == cfg.flow_steps:
-            model = base  # the run itself is this arm
-        else:
-            run = os.path.join(args.out, f"cond-{mode}")
-            model = train(args.data, run, replace(cfg, conditioning=mode, flow_steps=budget),
-                          "flow", os.path.join(args.run, "ae.pt"), resume=True,
-                          device=args.device, seed=args.seed, samples=False).eval()
-        rows[mode] = evaluate(model, clips, context, seed=args.seed)
-        if mode == "random":
-            base = model  # the steps x warm start grid uses the paper's arm
-    grid = {}
-    for warm in (0.0, 0.1, 0.3, 0.5):
-        for steps in (1, 2, 5, 10, 20, 100):
-            grid[f"{steps},{warm}"] = evaluate(base, clips[:args.grid_videos], context, steps=steps,
-                                               warm_start=warm, seed=args.seed)
-    table = claims_table(rows, grid, len(clips), min(len(clips), args.grid_videos), context,
-                         frames, args.seed, budget)
-    with open(os.path.join(args.out, "claims.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out, "claims.json"), "w") as f:
-        json.dump({"conditioning": rows, "steps_warm_start": grid}, f, indent=1)
-    print(table)
-
-
-def claims_table(rows, grid, videos, grid_videos, context, frames, seed, budget):
-    """Markdown tables of the two claims."""
-    import platform
-    lines = [f"{context} context -> {frames} predicted frames, one sample per video, seed {seed}, "
-             f"{platform.machine()} CPU with {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}.", "",
-             f"Conditioning ({videos} test videos, {budget} flow steps each; Euler, 10 steps, "
-             "cold start):", "",
-             "| conditioning | PSNR | SSIM |", "|---|---|---|"]
-    names = {"random": "random past frame (paper)", "last": "last frame only",
-             "fixed": "last + fixed previous frame"}
-    for mode, r in rows.items():
-        lines.append(f"| {names[mode]} | {r['model_mean']['psnr']:.2f} | "
-                     f"{r['model_mean']['ssim']:.3f} |")
-    r = rows["random"]["copy_last"]
-    lines += [f"| copy last frame (baseline) | {r['psnr']:.2f} | {r['ssim']:.3f} |", "",
-              f"Steps x warm start (random conditioning, Euler, first {grid_videos} test videos; "
-              "ms per predicted frame per video, batched):", "",
-              "| steps | warm start | NFE/frame | PSNR | SSIM | ms/frame |", "|---|---|---|---|---|---|"]
-    for key, r in grid.items():
-        steps, warm = key.split(",")
-        lines.append(f"| {steps} | {warm} | {r['nfe_per_frame']} | {r['model_mean']['psnr']:.2f} | "
-                     f"{r['model_mean']['ssim']:.3f} | {1000 * r['seconds_per_frame']:.2f} |")
-    return "\n".join(lines) + "\n"
+    """The paper's claims at small scale: tests/claims.py (next to this file in a source
+    checkout) is the experiment; `python river.py claims ...` runs it with the same options."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "claims.py")
+    if not os.path.exists(path):
+        raise RiverError(f"{path} not found: the claims experiment comes with a source checkout")
+    sys.modules.setdefault("river", sys.modules[__name__])  # its `import river` is this module
+    spec = importlib.util.spec_from_file_location("river_claims", path)
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+    claims.main(args.argv)
 
 
 def positive(text):
@@ -2293,17 +2245,11 @@ def build_parser():
     d.add_argument("--data", default="data/balls.h5", help="made here unless it exists")
     d.add_argument("--run", default="runs/demo")
 
-    c = sub.add_parser("claims", help="the paper's claims at small scale, on the demo's data")
-    add_common_options(c)
-    c.add_argument("--data", default="data/balls.h5")
-    c.add_argument("--run", default="runs/demo", help="a trained run (the demo's)")
-    c.add_argument("--out", default="runs/claims")
-    c.add_argument("--videos", type=int, default=100, help="test videos (0: all)")
-    c.add_argument("--flow-steps", type=int,
-                   help="training budget of every arm (default: the run's; then the run itself "
-                        "is the random arm)")
-    c.add_argument("--grid-videos", type=int, default=50,
-                   help="test videos for the steps x warm start grid")
+    # every option goes to tests/claims.py as it is (its own --help lists them)
+    c = sub.add_parser("claims", prefix_chars="+", add_help=False,
+                       help="the paper's claims at small scale (tests/claims.py; see its --help)")
+    c.add_argument("argv", nargs="*")
+    c.set_defaults(data="data")  # claims.py finds or makes its own data sets
     return p
 
 

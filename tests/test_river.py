@@ -482,22 +482,6 @@ def test_sample_from_a_video_file_and_a_frame_folder_read_as_data_prep_reads_the
         torch.testing.assert_close(torch.cat([context, truth], 1)[0], expected)
 
 
-def test_claims_end_to_end(data, trained_run, tmp_path, capsys):
-    out = tmp_path / "claims"
-    river.main(["claims", "--data", data, "--run", str(trained_run), "--out", str(out),
-                "--videos", "2", "--grid-videos", "1"])
-    result = json.loads((out / "claims.json").read_text())
-    assert set(result["conditioning"]) == {"random", "last", "fixed"}
-    assert len(result["steps_warm_start"]) == 24
-    assert result["steps_warm_start"]["100,0.5"]["nfe_per_frame"] == 49  # the official grid
-    for mode in ("last", "fixed"):
-        cfg = json.loads((out / f"cond-{mode}" / "config.json").read_text())
-        assert cfg["conditioning"] == mode and cfg["flow_steps"] == 6
-    table = (out / "claims.md").read_text()
-    assert "random past frame (paper)" in table and "| 100 | 0.5 | 49 |" in table
-    assert table in capsys.readouterr().out
-
-
 class FieldI3D(torch.nn.Module):
     """Stands in for StyleGAN-V's i3d_torchscript.pt: the same call signature, and it checks
     that it is called as the published FVDs call it."""
