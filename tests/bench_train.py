@@ -6,14 +6,16 @@ For each stage of the preset, on random data shaped like the real batches:
 - bare: forward, backward, AdamW step of the network alone on one fixed batch;
 - loop: river.train_stage for the same number of steps, fed as train_autoencoder and
   train_flow feed it (random clips drawn from a ClipDataset each step), with its EMA,
-  gradient clipping, schedule, logging and checkpointing.
-Prints seconds per step of each and the ratio loop / bare (target: <= 1.15), the best of
-`repeats` runs of each, alternated so a noisy neighbour hits both alike, and a JSON line.
+  gradient clipping, schedule and a log row every step (its own timer).
+Prints the median seconds per step of each and the ratio loop / bare (target: <= 1.15), the
+best of `repeats` runs of each, alternated so a noisy neighbour hits both alike, and a JSON
+line. Medians of single steps keep a busy machine's hiccups out of the ratio.
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,31 +47,30 @@ def stage_parts(cfg, stage):
 
 
 def bare(cfg, stage, steps):
+    """Median seconds of a forward, backward and AdamW step of the network alone."""
     net, loss_fn, draw = stage_parts(cfg, stage)
     batch = draw()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    for i in range(steps + 3):  # three warm-up steps
-        if i == 3:
-            tic = time.perf_counter()
+    times = []
+    for _ in range(steps + 3):  # three warm-up steps
+        tic = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, _ = loss_fn(net, batch)
         loss.backward()
         opt.step()
-    return (time.perf_counter() - tic) / steps
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times[3:])
 
 
 def loop(cfg, stage, steps):
+    """Median seconds of a step of river.train_stage, from its own log (a row every step)."""
     net, loss_fn, draw = stage_parts(cfg, stage)
     with tempfile.TemporaryDirectory() as run:
-        def timed(n):
-            tic = time.perf_counter()
-            river.train_stage(stage, net, loss_fn, river.endless(draw), n, 1e-4, cfg, run,
-                              torch.device("cpu"), ema_decay=cfg.ema_decay if stage == "flow"
-                              else 0.0, ckpt_every=10 ** 9)
-            return time.perf_counter() - tic
-        timed(3)  # first-call costs: kernel build or load, matplotlib's import for loss.png
-        # the difference of two runs cancels what a run costs once (optimizer, EMA copy, save)
-        return (timed(steps + 3) - timed(3)) / steps
+        river.train_stage(stage, net, loss_fn, river.endless(draw), steps + 3, 1e-4, cfg, run,
+                          torch.device("cpu"), ema_decay=cfg.ema_decay if stage == "flow" else 0.0,
+                          ckpt_every=10 ** 9, log_every=1)
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return statistics.median(1 / r["steps_per_s"] for r in rows[3:])
 
 
 def main():
