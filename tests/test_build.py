@@ -68,3 +68,22 @@ def test_a_library_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch)
     finally:
         river.load_kernels.cache_clear()
     assert compiled and f"-DRIVER_SOURCE_HASH={build.source_hash()}" in compiled[0]
+
+
+def test_a_failed_build_warns_with_its_cause_and_a_build_says_so(monkeypatch, capsys):
+    import torch.utils.cpp_extension
+
+    def broken(**kw):
+        raise RuntimeError("g++: fatal error: no input files\nmore lines of the log")
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # nothing installed
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    monkeypatch.delenv("RIVER_KERNELS", raising=False)
+    river.load_kernels.cache_clear()
+    try:
+        cause = r"\(RuntimeError: g\+\+: fatal error: no input files\); using"  # first line
+        with pytest.warns(UserWarning, match=cause):
+            assert not river.load_kernels()
+    finally:
+        river.load_kernels.cache_clear()
+    assert "compiling the csrc/ kernels" in capsys.readouterr().err
