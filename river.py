@@ -5,16 +5,17 @@ Implements "Efficient Video Prediction via Sparsely Conditioned Flow Matching"
 latents; a U-Net vector field, conditioned on the previous latent and ONE random
 older latent, is trained with flow matching to generate the next latent; sampling
 integrates the ODE with Euler steps, drawing a new random past frame at every step,
-optionally warm-started from the previous frame.
+optionally warm-started from the previous frame. The official code's parts run here too:
+taming VQGAN autoencoders, the U-ViT field, its rk4 sampler and its released checkpoints.
 
-Left out on purpose: the U-ViT of the official code (a U-Net here), RK4 as the
-default solver (Euler here; rk4 is available), the refinement network and VQGAN
-perceptual/adversarial losses.
+Left out on purpose: the refinement network and VQGAN perceptual/adversarial losses.
 
-Glossary of letters used in shape comments:
-    B batch, T frames in a clip, C image channels, H W image height and width,
-    D latent channels (= code dimension), h w latent height and width,
-    K codes in the codebook, N vectors to quantize (= B*h*w).
+Glossary of letters used in shape comments (each has one meaning):
+    B batch, T frames in a clip, n context frames, L latents in a sampling history,
+    C image channels, H W image height and width, D latent channels (= code dimension),
+    h w latent height and width, K codes in the codebook, N vectors to quantize (= B*h*w),
+    E embedding width, M evaluation clips, S samples per clip, P predicted frames.
+    (F is torch.nn.functional, never a count.)
 """
 
 import argparse
@@ -1444,7 +1445,7 @@ def ssim(a, b, window=11, sigma=1.5):
     an 11x11 Gaussian window with sigma 1.5, valid positions only, averaged over channels."""
     shape = a.shape[:-3]
     # float64: var = E[x^2] - E[x]^2 cancels badly in float32 next to c2 = 9e-4
-    a, b = ((x.double().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (N, C, H, W)
+    a, b = ((x.double().reshape(-1, *x.shape[-3:]) + 1) / 2 for x in (a, b))  # (images, C, H, W)
     C = a.shape[1]
     g = torch.exp(-((torch.arange(window, device=a.device, dtype=a.dtype) - window // 2) ** 2)
                   / (2 * sigma**2))
@@ -1486,7 +1487,7 @@ def spread_frames(path, count=256, split=None):
 
 
 def psnr_of_reconstruction(ae, frames, device, chunk=256):
-    """Mean PSNR (dB) of quantized reconstructions of frames (N, C, H, W) in [-1, 1]."""
+    """Mean PSNR (dB) of quantized reconstructions of frames (B, C, H, W) in [-1, 1]."""
     ae.eval()
     scores = []
     with torch.no_grad():
@@ -1665,13 +1666,13 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 
 
 def gaussian_fit(features):
-    """Mean and covariance of features (N, F)."""
+    """Mean and covariance of features (clips, features)."""
     f = features.double()
     return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
 
 
 def i3d_features(i3d, video, chunk=16):
-    """Features (B, F) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D.
+    """Features (B, features) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D.
 
     The I3D of published FVDs (StyleGAN-V's i3d_torchscript.pt, used by MCVD, ExtDM and the
     tools derived from them) takes (B, 3, T, 224, 224) in [-1, 1] and is called with
@@ -1832,8 +1833,8 @@ def bordered(frames, color, scale):
 def tracks(context, truth, pred, scale):
     """Per video a ground-truth track and a predicted track, both opening with the context.
 
-    context (B, n, C, H, W), truth and pred (B, F, C, H, W) in [-1, 1] ->
-    uint8 (B, 2, n+F, h, w, 3). Borders: green context, grey ground truth, red prediction.
+    context (B, n, C, H, W), truth and pred (B, P, C, H, W) in [-1, 1] ->
+    uint8 (B, 2, n+P, h, w, 3). Borders: green context, grey ground truth, red prediction.
     With truth None (a clip with no future frames to compare) only the predicted track.
     """
     def rgb(x):
