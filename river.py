@@ -1990,9 +1990,9 @@ def make_config(args):
                  "frame_skip": args.frame_skip, "warmup": args.warmup,
                  "ae_steps": args.ae_steps, "flow_steps": args.flow_steps}
     for stage in STAGES[args.stage]:  # --steps and --lr apply to the stages being trained
-        overrides[f"{stage}_steps"] = args.steps if args.steps is not None else overrides[
-            f"{stage}_steps"]
         overrides[f"{stage}_lr"] = args.lr
+        if args.steps is not None:
+            overrides[f"{stage}_steps"] = args.steps
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     check_config(cfg)
     return cfg
