@@ -266,10 +266,11 @@ def vq_nearest(z, codebook):
     return vq_nearest_reference(z, codebook)
 
 
-def norm(ch):
-    """GroupNorm as in taming: 32 groups, eps 1e-6. A width that 32 does not divide (river's
-    small ones) gets groups of 4 channels, or the nearest count below that divides it."""
-    groups = 32 if ch % 32 == 0 else max(1, ch // 4)
+def norm(ch, group=1):
+    """GroupNorm (eps 1e-6) with taming's 32 groups where 32 divides ch into groups of at least
+    `group` channels (the VQGAN: 1, the U-Net: 4); otherwise groups of 4 channels (river's small
+    widths), as many as divide ch, at most 32."""
+    groups = 32 if ch % (32 * group) == 0 else max(1, min(32, ch // 4))
     while ch % groups:
         groups -= 1
     return nn.GroupNorm(groups, ch, eps=1e-6)
@@ -279,10 +280,10 @@ class ResBlock(nn.Module):
     """GroupNorm-swish-conv twice with a skip, a 1x1 `nin_shortcut` when the width changes
     (taming's ResnetBlock). `emb` (B, E), for the U-Net, adds a per-channel scale and shift."""
 
-    def __init__(self, ch_in, ch_out, emb_dim=0):
+    def __init__(self, ch_in, ch_out, emb_dim=0, group=1):
         super().__init__()
-        self.norm1, self.conv1 = norm(ch_in), nn.Conv2d(ch_in, ch_out, 3, padding=1)
-        self.norm2, self.conv2 = norm(ch_out), nn.Conv2d(ch_out, ch_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(ch_in, group), nn.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(ch_out, group), nn.Conv2d(ch_out, ch_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * ch_out) if emb_dim else None
         self.nin_shortcut = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
 
@@ -299,18 +300,17 @@ class Attention(nn.Module):
     """Self-attention over the h*w positions of a feature map, with a skip (taming's AttnBlock:
     GroupNorm, 1x1 convs q, k, v, softmax(q k^T / sqrt(ch / heads)) v, 1x1 proj_out)."""
 
-    def __init__(self, ch, heads=1):
+    def __init__(self, ch, heads=1, group=1):
         super().__init__()
-        self.heads, self.norm = heads, norm(ch)
+        self.heads, self.norm = heads, norm(ch, group)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
-        B, ch, h, w = x.shape
         y = self.norm(x)
         q, k, v = (rearrange(conv(y), "b (n c) h w -> b n (h w) c", n=self.heads)
                    for conv in (self.q, self.k, self.v))  # 3 x (B, heads, h*w, ch/heads)
         y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(rearrange(y, "b n (h w) c -> b (n c) h w", h=h))
+        return x + self.proj_out(rearrange(y, "b n (h w) c -> b (n c) h w", h=x.shape[2]))
 
 
 class Resample(nn.Module):
@@ -617,12 +617,17 @@ class UNet(nn.Module):
     """The vector field. Input channels [x_t, z_ref, z_cond] (3D); output the velocity (D).
 
     Flow time t (sinusoidal) and log distance log(d) (an MLP) are embedded, summed and
-    injected into every residual block as a scale and shift.
+    injected into every residual block as a scale and shift. Its GroupNorms have at least 4
+    channels per group.
     """
 
     def __init__(self, cfg):
         super().__init__()
         D, ch, E = cfg.latent_dim, cfg.unet_channels, 4 * cfg.unet_channels[0]
+
+        def block(ch_in, ch_out):
+            return ResBlock(ch_in, ch_out, E, group=4)
+
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], E), nn.SiLU(), nn.Linear(E, E))
         self.dist_mlp = nn.Sequential(nn.Linear(1, E), nn.SiLU(), nn.Linear(E, E))
         cond = cfg.dense_frames - 1 if cfg.conditioning == "dense" else 1  # conditioning latents
@@ -631,22 +636,22 @@ class UNet(nn.Module):
         skips, c = [ch[0]], ch[0]
         for i, width in enumerate(ch):
             for _ in range(cfg.unet_blocks):
-                self.down.append(ResBlock(c, width, E))
+                self.down.append(block(c, width))
                 c = width
                 skips.append(c)
             if i < len(ch) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid1 = ResBlock(c, c, E)
-        self.mid_attn = Attention(c, heads=4) if cfg.attention else nn.Identity()
-        self.mid2 = ResBlock(c, c, E)
+        self.mid1 = block(c, c)
+        self.mid_attn = Attention(c, heads=4, group=4) if cfg.attention else nn.Identity()
+        self.mid2 = block(c, c)
         for i, width in reversed(list(enumerate(ch))):
             for _ in range(cfg.unet_blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), width, E))
+                self.up.append(block(c + skips.pop(), width))
                 c = width
             if i > 0:
                 self.up.append(Resample(c, down=False))
-        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, D, 3, padding=1))
+        self.head = nn.Sequential(norm(c, group=4), nn.SiLU(), nn.Conv2d(c, D, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # start as the zero field: a calm first step
         nn.init.zeros_(self.head[-1].bias)
 

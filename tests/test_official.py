@@ -143,9 +143,10 @@ def test_official_configs_build_exactly_the_official_tensors(name):
     assert ae_file == read_keys(os.path.join(KEYS, f"{name}-autoencoder.tsv"))
 
 
-def test_norm_uses_32_groups_where_the_width_allows():
+def test_norm_uses_32_groups_where_the_width_allows():  # the U-Net: 4 channels at least
     groups = [river.norm(ch).num_groups for ch in (512, 64, 32, 48, 16, 8, 6)]
     assert groups == [32, 32, 32, 12, 4, 2, 1]
+    assert [river.norm(ch, group=4).num_groups for ch in (256, 128, 64, 32)] == [32, 32, 16, 8]
     assert river.norm(32).eps == 1e-6
 
 
