@@ -129,7 +129,7 @@ GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_00
 
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
-    "tiny": Config(),
+    "tiny": Config(sample_steps=2),  # 2 Euler steps score best in PSNR here (README: demo)
     # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
     # at its 4x4 level); field="uvit" selects the official U-ViT.
     "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
