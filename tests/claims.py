@@ -54,6 +54,8 @@ class Budget:
     seeds: int = 1                # training seeds of the conditioning arms
     eval_videos: int = 100        # test videos per arm (0: all)
     samples: int = 4              # samples per test video: mean and best-of-N
+    sample_steps: int = 10        # Euler steps of the arms and the picture: the random past
+                                  # frame needs evaluations to vary over (tiny's default is 2)
     grid_videos: int = 50         # test videos of the warm-start grid (one sample each)
     grid_steps: tuple = (1, 2, 4, 8, 16, 32)
     warm_starts: tuple = (0.0, 0.1, 0.3, 0.5, 0.7)
@@ -559,7 +561,8 @@ def run(args):
     data_dir = args.data_dir or (os.path.join(out, "data") if args.quick else "data")
     demo_run = None if args.quick else args.demo_run
     device = river.pick_device(args.device)
-    cfg = replace(river.PRESETS["tiny"], ae_steps=budget.ae_steps, flow_steps=budget.flow_steps)
+    cfg = replace(river.PRESETS["tiny"], ae_steps=budget.ae_steps, flow_steps=budget.flow_steps,
+                  sample_steps=budget.sample_steps)
     os.makedirs(out, exist_ok=True)
     clock = Clock()
     print(f"claims: {'quick (structure only)' if args.quick else 'full'} run into {out}; "
