@@ -102,57 +102,6 @@ class Config:
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
 
 
-AE_CONFIGS = {
-    # taming's VQGANs; attention levels from attn_resolutions over the configured resolution
-    "f8_small": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
-                     ae_attention=(2,), latent_dim=4, codebook_size=16384),  # 16 of 64
-    "f8": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
-               ae_attention=(3,), latent_dim=4, codebook_size=16384),  # 32 of 256 (LDM's vq-f8)
-    "f16": dict(ae_kind="vqgan", ae_channels=(128, 128, 256, 256, 512), ae_blocks=2,
-                ae_attention=(4,), latent_dim=8, codebook_size=16384),  # 16 of 256
-    # the RIVER authors' own VQVAE for CLEVRER (its decoder mirrors the encoder's widths)
-    "clevrer": dict(ae_kind="clevrer", ae_channels=(32, 64, 128, 256), latent_dim=4,
-                    codebook_size=8192),
-}
-
-
-def ae_config(name):
-    """The Config fields of the autoencoder architecture `name` (a key of AE_CONFIGS)."""
-    if name not in AE_CONFIGS:
-        raise RiverError(f"unknown autoencoder config {name!r}: use one of {', '.join(AE_CONFIGS)}")
-    return {"ae_decoder_channels": (), "ae_blocks": 1, "ae_attention": (), **AE_CONFIGS[name]}
-
-
-GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_000,
-                    flow_batch=16, flow_lr=1e-4, warmup=5000, ema_decay=0.9999)
-
-
-PRESETS = {
-    # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
-    "tiny": Config(sample_steps=2),  # 2 Euler steps score best in PSNR here (README: demo)
-    # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
-    # at its 4x4 level); field="uvit" selects the official U-ViT.
-    "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
-                     unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
-    "kth64": Config(image_size=64, clip_frames=40, context=10, **ae_config("f8_small"),
-                    unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
-    "bair256": Config(image_size=256, clip_frames=16, context=1, **ae_config("f16"),
-                      unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
-    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=5, context=2,
-                         **ae_config("clevrer"), unet_channels=(128, 256, 512), unet_blocks=2,
-                         attention=True, **GPU_TRAINING),
-}
-
-
-def config_from_dict(d):
-    """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 class RiverError(Exception):
     """A problem with the user's input; main() prints it as one line, without a traceback."""
 
@@ -165,22 +114,6 @@ def to_float(frames):
     """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
     x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
     return x.movedim(-1, -3)
-
-
-def to_uint8(x):
-    """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
-def pick_split(path, wanted):
-    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
-    splits = data_prep.splits_in(path)
-    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
-        return wanted
-    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
-    print(f"note: {path} has no {wanted!r} split; using {other!r}")
-    return other
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -243,8 +176,8 @@ class ClipDataset(torch.utils.data.Dataset):
 # VQ autoencoder: frames (B, C, H, W) <-> latents (B, D, h, w)
 # ---------------------------------------------------------------------------------------
 # river's autoencoder is taming's VQGAN (Esser et al. 2021) at the config's widths, with
-# taming's module names, so a taming checkpoint loads as it is. The official CLEVRER model
-# uses a smaller VQVAE of its own, ClevrerVQVAE, at the end of this section.
+# taming's module names, so a taming checkpoint loads as it is. (The official CLEVRER model
+# uses a VQVAE of its own, ClevrerVQVAE, placed with the official classes after the method.)
 
 def vq_nearest_reference(z, codebook):
     """Nearest code for every row of z. z: (N, D), codebook: (K, D).
@@ -255,15 +188,6 @@ def vq_nearest_reference(z, codebook):
     d2 = (z * z).sum(1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(1)
     d2, idx = d2.min(1)
     return idx, d2.clamp_min(0)
-
-
-def vq_nearest(z, codebook):
-    """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
-    bfloat16, one dtype and device), else vq_nearest_reference."""
-    if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
-            and load_kernels()):
-        return torch.ops.river.vq_nearest(z, codebook)
-    return vq_nearest_reference(z, codebook)
 
 
 def norm(ch, group=1):
@@ -524,85 +448,13 @@ class VQAutoencoder(Autoencoder):
         return self.decoder(self.post_quant_conv(q))
 
 
-class PoolResBlock(nn.Module):
-    """The CLEVRER VQVAE's residual block: conv, average-pool by `pool`, norm, LeakyReLU(0.2),
-    conv, norm, plus a skip (1x1 conv, pool, norm when the shape changes), LeakyReLU. Its norms
-    are GroupNorms, although named bn."""
-
-    def __init__(self, ch_in, ch_out, pool=1):
-        super().__init__()
-        self.pool = pool
-        self.conv1, self.bn1 = nn.Conv2d(ch_in, ch_out, 3, padding=1, bias=False), norm(ch_out)
-        self.conv2, self.bn2 = nn.Conv2d(ch_out, ch_out, 3, padding=1, bias=False), norm(ch_out)
-        self.downsample = nn.Identity() if pool == 1 and ch_in == ch_out else nn.Sequential(
-            nn.Conv2d(ch_in, ch_out, 1, bias=False), nn.AvgPool2d(pool), norm(ch_out))
-
-    def forward(self, x):
-        h = F.leaky_relu(self.bn1(F.avg_pool2d(self.conv1(x), self.pool)), 0.2)
-        return F.leaky_relu(self.bn2(self.conv2(h)) + self.downsample(x), 0.2)
-
-
-class UpBlock(nn.Module):
-    """Nearest x2, 3x3 conv, BatchNorm, LeakyReLU(0.2): the CLEVRER decoder's upsampling."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv, self.norm = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
-
-    def forward(self, x):
-        return F.leaky_relu(self.norm(self.conv(F.interpolate(x, scale_factor=2.0))), 0.2)
-
-
-class ClevrerCoder(nn.Module):
-    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
-    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
-    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
-    single-head self-attention with a skip, residual block."""
-
-    def __init__(self, ch, c_in, c_out, decoder):
-        super().__init__()
-        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
-        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
-        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
-        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
-        self.post_attn_residual = PoolResBlock(mid, mid)
-        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
-                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
-        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
-        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
-        y = self.attn(y, y, y, need_weights=False)[0]
-        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
-        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
-        return torch.tanh(x) if self.decoder else x
-
-
-class ClevrerVQVAE(Autoencoder):
-    """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
-    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        ch = cfg.ae_decoder_channels or cfg.ae_channels
-        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
-        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
-
-    def pre_quant(self, x):
-        return self.encoder(x)
-
-    def post_quant(self, q):
-        return self.decoder(q)
-
-
-AUTOENCODERS = {"vqgan": VQAutoencoder, "clevrer": ClevrerVQVAE}  # by Config.ae_kind
+AUTOENCODERS = {"vqgan": VQAutoencoder}  # by Config.ae_kind; the official "clevrer" is added
+                                         # with the official classes, after the method
 
 
 # ---------------------------------------------------------------------------------------
-# Vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w): river's U-Net,
-# and the U-ViT of the official code
+# Vector field v_theta(x_t, t | z_ref, z_cond, d) on latents (B, D, h, w): river's U-Net
+# (the official code's U-ViT is placed with the official classes, after the method)
 # ---------------------------------------------------------------------------------------
 
 def sinusoidal(x, dim):
@@ -673,77 +525,7 @@ class UNet(nn.Module):
         return self.head(h)
 
 
-class GridPosition(nn.Module):
-    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
-
-    def __init__(self, dim, size=512):
-        super().__init__()
-        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
-        nn.init.uniform_(self.row_embed.weight, -1, 1)
-        nn.init.uniform_(self.col_embed.weight, -1, 1)
-
-    def forward(self, h, w):
-        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
-        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
-        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
-
-
-class TokenGrid(nn.Module):
-    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
-
-    def forward(self, x):
-        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
-
-
-class UViT(nn.Module):
-    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
-    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
-    long skips from in to out, and a convolutional head. Module names are the official ones, so
-    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        D, W = cfg.latent_dim, cfg.uvit_width
-
-        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
-            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
-                                              batch_first=True, norm_first=True)
-
-        self.position_encoding = GridPosition(W)
-        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
-        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
-        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
-        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
-        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
-                                        for _ in range(cfg.uvit_depth))
-        if cfg.uvit_head == "ln":
-            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
-                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
-        else:  # "bn"
-            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
-                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
-
-    def forward(self, x, t, ref, cond, d):
-        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
-        h, w = x.shape[-2:]
-        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
-        # every spatial token gets its position and the embedding of log d
-        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
-        tokens = tokens + self.position_encoding(h, w) + dist[:, None]
-        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
-        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
-        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
-        skips = []
-        for layer in self.in_blocks:
-            tokens = layer(tokens)
-            skips.append(tokens)
-        tokens = self.mid_blocks(tokens)
-        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
-            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
-        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
-
-
-FIELDS = {"unet": UNet, "uvit": UViT}  # by Config.field
+FIELDS = {"unet": UNet}  # by Config.field; the official "uvit" is added after the method
 
 
 # ---------------------------------------------------------------------------------------
@@ -807,17 +589,6 @@ def euler_step_reference_(x, v, dt):
     """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
     the fused op keeps dt in float32.)"""
     return x.add_(v, alpha=dt)
-
-
-def euler_step_(x, v, dt):
-    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
-    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
-    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
-            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
-            and load_kernels()):
-        torch.ops.river.euler_step_(x, v, float(dt))
-        return x
-    return euler_step_reference_(x, v, dt)
 
 
 def euler_slope(field, x, t, dt):
@@ -941,10 +712,219 @@ class River(nn.Module):
 
 
 # =======================================================================================
-# The method ends here. What follows is machinery: loading the released checkpoints, the
-# fused kernels, checkpoints and logs, the training loop, evaluation, pictures and the
-# command line.
+# The method ends here. What follows is machinery: the presets, the official code's own
+# architectures and the loading of its checkpoints, the fused kernels, checkpoints and logs,
+# the training loop, evaluation, pictures and the command line.
 # =======================================================================================
+
+
+# ---------------------------------------------------------------------------------------
+# Presets: tiny (the demo) and the paper's data sets, with the official autoencoders
+# ---------------------------------------------------------------------------------------
+
+AE_CONFIGS = {
+    # taming's VQGANs; attention levels from attn_resolutions over the configured resolution
+    "f8_small": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
+                     ae_attention=(2,), latent_dim=4, codebook_size=16384),  # 16 of 64
+    "f8": dict(ae_kind="vqgan", ae_channels=(128, 256, 256, 512), ae_blocks=2,
+               ae_attention=(3,), latent_dim=4, codebook_size=16384),  # 32 of 256 (LDM's vq-f8)
+    "f16": dict(ae_kind="vqgan", ae_channels=(128, 128, 256, 256, 512), ae_blocks=2,
+                ae_attention=(4,), latent_dim=8, codebook_size=16384),  # 16 of 256
+    # the RIVER authors' own VQVAE for CLEVRER (its decoder mirrors the encoder's widths)
+    "clevrer": dict(ae_kind="clevrer", ae_channels=(32, 64, 128, 256), latent_dim=4,
+                    codebook_size=8192),
+}
+
+
+def ae_config(name):
+    """The Config fields of the autoencoder architecture `name` (a key of AE_CONFIGS)."""
+    if name not in AE_CONFIGS:
+        raise RiverError(f"unknown autoencoder config {name!r}: use one of {', '.join(AE_CONFIGS)}")
+    return {"ae_decoder_channels": (), "ae_blocks": 1, "ae_attention": (), **AE_CONFIGS[name]}
+
+
+GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_000,
+                    flow_batch=16, flow_lr=1e-4, warmup=5000, ema_decay=0.9999)
+
+
+PRESETS = {
+    # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
+    "tiny": Config(sample_steps=2),  # 2 Euler steps score best in PSNR here (README: demo)
+    # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
+    # at its 4x4 level); field="uvit" selects the official U-ViT.
+    "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
+                     unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "kth64": Config(image_size=64, clip_frames=40, context=10, **ae_config("f8_small"),
+                    unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "bair256": Config(image_size=256, clip_frames=16, context=1, **ae_config("f16"),
+                      unet_channels=(128, 256), unet_blocks=2, attention=True, **GPU_TRAINING),
+    "clevrer128": Config(image_size=128, clip_frames=16, frame_skip=5, context=2,
+                         **ae_config("clevrer"), unet_channels=(128, 256, 512), unet_blocks=2,
+                         attention=True, **GPU_TRAINING),
+}
+
+
+def config_from_dict(d):
+    """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# The official code's own architectures, for its checkpoints: the authors' CLEVRER VQVAE
+# (Config.ae_kind="clevrer") and the U-ViT vector field (Config.field="uvit")
+# ---------------------------------------------------------------------------------------
+
+class PoolResBlock(nn.Module):
+    """The CLEVRER VQVAE's residual block: conv, average-pool by `pool`, norm, LeakyReLU(0.2),
+    conv, norm, plus a skip (1x1 conv, pool, norm when the shape changes), LeakyReLU. Its norms
+    are GroupNorms, although named bn."""
+
+    def __init__(self, ch_in, ch_out, pool=1):
+        super().__init__()
+        self.pool = pool
+        self.conv1, self.bn1 = nn.Conv2d(ch_in, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.conv2, self.bn2 = nn.Conv2d(ch_out, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.downsample = nn.Identity() if pool == 1 and ch_in == ch_out else nn.Sequential(
+            nn.Conv2d(ch_in, ch_out, 1, bias=False), nn.AvgPool2d(pool), norm(ch_out))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.bn1(F.avg_pool2d(self.conv1(x), self.pool)), 0.2)
+        return F.leaky_relu(self.bn2(self.conv2(h)) + self.downsample(x), 0.2)
+
+
+class UpBlock(nn.Module):
+    """Nearest x2, 3x3 conv, BatchNorm, LeakyReLU(0.2): the CLEVRER decoder's upsampling."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(F.interpolate(x, scale_factor=2.0))), 0.2)
+
+
+class ClevrerCoder(nn.Module):
+    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
+    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
+    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
+    single-head self-attention with a skip, residual block."""
+
+    def __init__(self, ch, c_in, c_out, decoder):
+        super().__init__()
+        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
+        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
+        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
+        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
+        self.post_attn_residual = PoolResBlock(mid, mid)
+        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
+                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
+        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
+        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
+        y = self.attn(y, y, y, need_weights=False)[0]
+        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
+        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
+        return torch.tanh(x) if self.decoder else x
+
+
+class ClevrerVQVAE(Autoencoder):
+    """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
+    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
+        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
+
+    def pre_quant(self, x):
+        return self.encoder(x)
+
+    def post_quant(self, q):
+        return self.decoder(q)
+
+
+class GridPosition(nn.Module):
+    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
+
+    def __init__(self, dim, size=512):
+        super().__init__()
+        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
+        nn.init.uniform_(self.row_embed.weight, -1, 1)
+        nn.init.uniform_(self.col_embed.weight, -1, 1)
+
+    def forward(self, h, w):
+        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
+        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
+        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
+
+
+class TokenGrid(nn.Module):
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
+
+    def forward(self, x):
+        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
+
+
+class UViT(nn.Module):
+    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
+    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
+    long skips from in to out, and a convolutional head. Module names are the official ones, so
+    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, W = cfg.latent_dim, cfg.uvit_width
+
+        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
+            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
+                                              batch_first=True, norm_first=True)
+
+        self.position_encoding = GridPosition(W)
+        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
+        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
+        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
+        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
+        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
+                                        for _ in range(cfg.uvit_depth))
+        if cfg.uvit_head == "ln":
+            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
+                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
+        else:  # "bn"
+            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
+                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
+
+    def forward(self, x, t, ref, cond, d):
+        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        h, w = x.shape[-2:]
+        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
+        # every spatial token gets its position and the embedding of log d
+        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]
+        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
+        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
+        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
+        skips = []
+        for layer in self.in_blocks:
+            tokens = layer(tokens)
+            skips.append(tokens)
+        tokens = self.mid_blocks(tokens)
+        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
+            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
+        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
+
+
+AUTOENCODERS["clevrer"] = ClevrerVQVAE
+FIELDS["uvit"] = UViT
 
 
 # ---------------------------------------------------------------------------------------
@@ -1033,9 +1013,32 @@ def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields)
 # Fast ops: the fused csrc/ kernels behind vq_nearest and euler_step_
 # ---------------------------------------------------------------------------------------
 # Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
-# of the sampler. The method above calls them by name with their plain PyTorch references
-# beside them; csrc/ holds fused C++/CUDA versions registered as torch.ops.river.*.
+# of the sampler. The method calls them by name, vq_nearest and euler_step_, and holds their
+# plain PyTorch references; csrc/ holds fused C++/CUDA versions registered as torch.ops.river.*.
 # RIVER_KERNELS=ref|ext forces one side; by default the extension is used when it loads.
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def vq_nearest(z, codebook):
+    """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
+    bfloat16, one dtype and device), else vq_nearest_reference."""
+    if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
+            and load_kernels()):
+        return torch.ops.river.vq_nearest(z, codebook)
+    return vq_nearest_reference(z, codebook)
+
+
+def euler_step_(x, v, dt):
+    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
+    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
+    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
+            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
+            and load_kernels()):
+        torch.ops.river.euler_step_(x, v, float(dt))
+        return x
+    return euler_step_reference_(x, v, dt)
+
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
@@ -1105,8 +1108,6 @@ def _register_fakes():
 
     _register_fakes.done = True
 
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1372,6 +1373,16 @@ def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
     return total, stats, grad_norm
 
 
+def show_progress(bar, row, steps, log_every):
+    """The bar's loss and speed; without a bar (no terminal: a log file, a job) a line about
+    every tenth of the stage instead."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
+    elif dist_info()[0] == 0 and row["step"] % max(log_every, steps // 10) < log_every:
+        print(f"{row['stage']} step {row['step']}/{steps}: loss {row['loss']:.4f}, "
+              f"{row['steps_per_s']:.1f} steps/s", flush=True)
+
+
 def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckpt=None,
                 ema_decay=0.0, accum=1, evaluate=None, extra=None, log_every=25,
                 ckpt_every=250):
@@ -1425,7 +1436,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
                 if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
                     row.update(evaluate(model))
                 log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
+                show_progress(bar, row, steps, log_every)
             stop = any_rank(bool(interrupted))
             if done % ckpt_every == 0 or done == steps or stop:
                 step = done
@@ -1657,6 +1668,16 @@ def prepare_run(run, cfg, force=False, rank=0):
 # Evaluation: FVD's Frechet distance, the field's protocols, the copy-last-frame baseline
 # ---------------------------------------------------------------------------------------
 
+def pick_split(path, wanted):
+    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
+    splits = data_prep.splits_in(path)
+    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
+        return wanted
+    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
+    print(f"note: {path} has no {wanted!r} split; using {other!r}")
+    return other
+
+
 def frechet_distance(mu1, cov1, mu2, cov2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
 
@@ -1825,6 +1846,12 @@ def plot_per_frame(result, path, context):
 # ---------------------------------------------------------------------------------------
 # Pictures: GIFs and PNG grids of context, ground truth and prediction
 # ---------------------------------------------------------------------------------------
+
+def to_uint8(x):
+    """float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
 
 def bordered(frames, color, scale):
     """uint8 (..., H, W, 3) -> upscaled by `scale` (nearest) with a 1-pixel colored border."""

@@ -74,7 +74,7 @@ def test_picture_records_every_evaluation(quick):
     _, result, md = quick
     pic = result["picture"]
     for arm in ("random", "fixed"):
-        assert len(pic[arm]) == river.PRESETS["tiny"].sample_steps
+        assert len(pic[arm]) == result["settings"]["sample_steps"] == 10  # Budget.sample_steps
         assert all(e["d"] >= 1 for e in pic[arm])
     assert all(e["d"] == 1 for e in pic["fixed"])  # fixed: always the frame before the last
     assert "sparse_conditioning.png" in md and "## Elapsed" in md

@@ -607,6 +607,8 @@ def test_demo_end_to_end_at_a_tiny_budget(data, tmp_path, monkeypatch, capsys):
     river.main(["demo", "--data", data, "--run", str(run)])
     printed = capsys.readouterr().out
     assert "demo done" in printed and "over copying the last frame" in printed
+    # no terminal here, so no progress bar: each stage prints its progress as lines instead
+    assert "ae step 2/2: loss" in printed and "flow step 2/2: loss" in printed
     for name in ("test_predictions.gif", "test_predictions.png", "eval.json", "eval_psnr.png",
                  "loss.png", "samples.gif"):
         assert (run / name).exists(), name
