@@ -1077,8 +1077,8 @@ def load_kernels():
                               "rebuilds the installed copy)")
             from torch.utils.cpp_extension import load
             args = build.extension_args(build.want_cuda())
-            print("river: compiling the csrc/ kernels (about a minute, once per machine)",
-                  file=sys.stderr)
+            print("river: building the csrc/ kernels with ninja (the first time compiles them, "
+                  "about a minute; later, only a check)", file=sys.stderr)
             load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
                  extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
                  extra_ldflags=args["ldflags"], is_python_module=False)
@@ -1373,6 +1373,13 @@ def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
     return total, stats, grad_norm
 
 
+def make_optimizer(model, lr, cfg, steps):
+    """AdamW (betas 0.9, 0.99) and its learning rate schedule over `steps` (lr_factor)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
+
+
 def show_progress(bar, row, steps, log_every):
     """The bar's loss and speed; without a bar (no terminal: a log file, a job) a line about
     every tenth of the stage instead."""
@@ -1394,9 +1401,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
     """
     (rank, world), step, bad_steps = dist_info(), 0, 0
     log, path = RunLog(run, rank == 0), os.path.join(run, f"{stage}.pt")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
+    opt, sched = make_optimizer(model, lr, cfg, steps)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
     sweep_temporary_files(run, stage, rank)
     if ckpt is not None:

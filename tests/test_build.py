@@ -86,4 +86,4 @@ def test_a_failed_build_warns_with_its_cause_and_a_build_says_so(monkeypatch, ca
             assert not river.load_kernels()
     finally:
         river.load_kernels.cache_clear()
-    assert "compiling the csrc/ kernels" in capsys.readouterr().err
+    assert "building the csrc/ kernels" in capsys.readouterr().err
