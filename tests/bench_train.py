@@ -12,6 +12,8 @@ best of `repeats` runs of each, alternated so a noisy neighbour hits both alike,
 line. Medians of single steps keep a busy machine's hiccups out of the ratio.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -63,9 +65,10 @@ def bare(cfg, stage, steps):
 
 
 def loop(cfg, stage, steps):
-    """Median seconds of a step of river.train_stage, from its own log (a row every step)."""
+    """Median seconds of a step of river.train_stage, from its own log (a row every step; its
+    progress lines, printed when there is no terminal, are silenced)."""
     net, loss_fn, draw = stage_parts(cfg, stage)
-    with tempfile.TemporaryDirectory() as run:
+    with tempfile.TemporaryDirectory() as run, contextlib.redirect_stdout(io.StringIO()):
         river.train_stage(stage, net, loss_fn, river.endless(draw), steps + 3, 1e-4, cfg, run,
                           torch.device("cpu"), ema_decay=cfg.ema_decay if stage == "flow" else 0.0,
                           ckpt_every=10 ** 9, log_every=1)
