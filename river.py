@@ -1380,12 +1380,12 @@ def make_optimizer(model, lr, cfg, steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
 
 
-def show_progress(bar, row, steps, log_every):
+def show_progress(bar, row, steps, log_every, rank):
     """The bar's loss and speed; without a bar (no terminal: a log file, a job) a line about
-    every tenth of the stage instead."""
+    every tenth of the stage instead, from rank 0."""
     if not bar.disable:
         bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
-    elif dist_info()[0] == 0 and row["step"] % max(log_every, steps // 10) < log_every:
+    elif rank == 0 and row["step"] % max(log_every, steps // 10) < log_every:
         print(f"{row['stage']} step {row['step']}/{steps}: loss {row['loss']:.4f}, "
               f"{row['steps_per_s']:.1f} steps/s", flush=True)
 
@@ -1441,7 +1441,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
                 if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
                     row.update(evaluate(model))
                 log.write(row)
-                show_progress(bar, row, steps, log_every)
+                show_progress(bar, row, steps, log_every, rank)
             stop = any_rank(bool(interrupted))
             if done % ckpt_every == 0 or done == steps or stop:
                 step = done
