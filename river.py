@@ -365,7 +365,7 @@ class VectorQuantizer(nn.Module):
         stats = {"perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),
                  "codes_used": (counts > 0).sum()}  # tensors: read only when a row is logged
         q = rearrange(q, "(b h w) d -> b d h w", b=B, h=h, w=w)
-        return q, idx.view(B, h, w), loss, stats
+        return q, idx.view(B, h, w), loss, stats  # codes (N,) -> (B, h, w)
 
     @torch.no_grad()
     def restart_dead_codes(self, flat, counts):
@@ -556,7 +556,7 @@ def dense_conditioning(latents, ref, K):
 
 def interpolate(eps, z, t, sigma_min):
     """x_t = (1 - (1 - sigma_min) t) eps + t z: noise at t=0, data at t=1."""
-    t = t.view(-1, *[1] * (z.dim() - 1))
+    t = t.view(-1, *[1] * (z.dim() - 1))  # (B,) -> (B, 1, 1, 1): one time per sample
     return (1 - (1 - sigma_min) * t) * eps + t * z
 
 
@@ -664,6 +664,12 @@ class River(nn.Module):
         super().__init__()
         self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
 
+    def sampler(self, steps=None, warm_start=None, solver=None):
+        """(steps, warm_start, solver): the ones given, the config's where None."""
+        return (self.cfg.sample_steps if steps is None else steps,
+                self.cfg.warm_start if warm_start is None else warm_start,
+                solver or self.cfg.solver)
+
     @torch.no_grad()
     def next_latent(self, history, steps, warm_start=0.0, solver="euler", past_horizon=-1):
         """The latent (B, D, h, w) after history (B, L, D, h, w), from noise (or a warm start)."""
@@ -694,9 +700,7 @@ class River(nn.Module):
         passed through the autoencoder, then the predictions. `steps` are solver steps over
         [0, 1] (see time_grid); defaults come from the config.
         """
-        steps = self.cfg.sample_steps if steps is None else steps
-        warm_start = self.cfg.warm_start if warm_start is None else warm_start
-        solver = solver or self.cfg.solver
+        steps, warm_start, solver = self.sampler(steps, warm_start, solver)
         B, n = context.shape[:2]
         z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
         history = rearrange(z, "(b n) d h w -> b n d h w", b=B)
@@ -705,7 +709,7 @@ class River(nn.Module):
             history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
             z_next = self.next_latent(history, steps, warm_start, solver, past_horizon)
-            history = torch.cat([history, z_next[:, None]], 1)
+            history = torch.cat([history, z_next[:, None]], 1)  # (B, L + 1, D, h, w)
         z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
         return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
@@ -713,8 +717,8 @@ class River(nn.Module):
 
 # =======================================================================================
 # The method ends here. What follows is machinery: the presets, the official code's own
-# architectures and the loading of its checkpoints, the fused kernels, checkpoints and logs,
-# the training loop, evaluation, pictures and the command line.
+# architectures, the fused kernels, checkpoints and logs, the loading of the released
+# checkpoints, the training loop, evaluation, pictures and the command line.
 # =======================================================================================
 
 
@@ -909,7 +913,7 @@ class UViT(nn.Module):
         tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
         # every spatial token gets its position and the embedding of log d
         dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
-        tokens = tokens + self.position_encoding(h, w) + dist[:, None]
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]  # + (h*w, W) + (B, 1, W)
         # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
         time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
         tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
@@ -928,88 +932,6 @@ FIELDS["uvit"] = UViT
 
 
 # ---------------------------------------------------------------------------------------
-# The released RIVER models (github.com/Araachie/river) in river's classes
-# ---------------------------------------------------------------------------------------
-
-OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
-
-
-RIVER_BUFFERS = ("mean", "std", "usage", "calls")  # river's own, absent from official files
-
-
-def official_config(name):
-    """The Config of the released model `name` (a key of OFFICIAL): its preset with the U-ViT
-    and the official sampler (rk4 on 100 grid points = 99 steps, from s = 0; a single context
-    frame duplicated in the history)."""
-    if name not in OFFICIAL:
-        raise RiverError(f"{name!r} is not an official RIVER configuration: use one of "
-                         f"{', '.join(OFFICIAL)}")
-    head = "bn" if name == "bair256" else "ln"
-    return replace(PRESETS[OFFICIAL[name]], field="uvit", uvit_head=head, sample_steps=99,
-                   solver="rk4", warm_start=0.0, official_history=True)
-
-
-def load_strict(module, state, prefixes, path, what):
-    """Load the tensors of an official state dict into module: a key under a file prefix of
-    `prefixes` ({file prefix: module prefix}) names the module's key after it (CLEVRER's
-    vector_quantizer is river's quantize). A one-line RiverError names the first key that does
-    not fit; river's own buffers keep their initial values (latents unscaled, codes unused)."""
-    own, mapped = module.state_dict(), {}
-    for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        name = None if prefix is None else (
-            prefixes[prefix] + key[len(prefix):].replace("vector_quantizer.", "quantize.", 1))
-        if name not in own:
-            raise RiverError(f"{path}: {key} {tuple(value.shape)} is no key of {what}")
-        if own[name].shape != value.shape:
-            raise RiverError(f"{path}: {key} is {tuple(value.shape)} where {what} has "
-                             f"{tuple(own[name].shape)}: a file of another architecture?")
-        mapped[name] = value
-    missing = [k for k in own if k not in mapped and k.split(".")[-1] not in RIVER_BUFFERS]
-    if missing:
-        raise RiverError(f"{path} has no tensor for {missing[0]} {tuple(own[missing[0]].shape)} "
-                         f"of {what}")
-    module.load_state_dict(mapped, strict=False)  # strict in effect: every key was checked
-
-
-def load_autoencoder_file(path, ae, trust=False):
-    """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
-    quantize.*, quant_conv.*, post_quant_conv.*) or a CLEVRER vqvae.pth ("model" with
-    module.encoder.*, ...) into `ae`, an autoencoder built with the file's architecture
-    (ae_config). Returns ae in eval mode."""
-    state = torch_load(path, trust)
-    state = state.get("state_dict", state.get("model"))
-    if not isinstance(state, dict):
-        raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
-                         "(model)")
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # taming's GAN, LPIPS
-    load_strict(ae, state, {"module.": "", "": ""}, path, f"this {type(ae).__name__}")
-    return ae.eval()
-
-
-def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields):
-    """A River in eval mode, configured as official_config(name) with `fields` on top (the test
-    fixtures' smaller widths), from a released model.pth ("model" with module.ae.*, for clevrer
-    module.ae.backbone.*, and module.vector_field_regressor.*); ae_path: the autoencoder from
-    its own file instead (load_autoencoder_file). trust: allow unpickling objects."""
-    cfg = replace(official_config(name), **fields)
-    state = torch_load(path, trust).get("model")
-    if not isinstance(state, dict):
-        raise RiverError(f"{path} has no 'model' state dict: not a RIVER model.pth")
-    model = River(cfg)
-    ae = "module.ae.backbone." if cfg.ae_kind == "clevrer" else "module.ae."
-    field = "module.vector_field_regressor."
-    what = f"an official {name} model"
-    if ae_path:  # the autoencoder from its own file; model.pth's copy is left out
-        load_autoencoder_file(ae_path, model.ae, trust)
-        state = {k: v for k, v in state.items() if not k.startswith(ae)}
-        load_strict(model.field, state, {field: ""}, path, what)
-    else:
-        load_strict(model, state, {ae: "ae.", field: "field."}, path, what)
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------
 # Fast ops: the fused csrc/ kernels behind vq_nearest and euler_step_
 # ---------------------------------------------------------------------------------------
 # Two ops sit on hot paths: the nearest-code search of the quantizer and the Euler update
@@ -1018,6 +940,39 @@ def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields)
 # RIVER_KERNELS=ref|ext forces one side; by default the extension is used when it loads.
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def csrc_build():
+    """csrc/build.py, the sources and flags of the extension (shared with setup.py) and its
+    loader, read once by path (csrc/ is not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build.py")
+    spec = importlib.util.spec_from_file_location("river_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+@functools.cache
+def load_kernels():
+    """True when torch.ops.river.* are usable: csrc_build().load() imports an installed build
+    of today's csrc/ sources or compiles them with ninja. Failure warns once, returns False."""
+    mode = os.environ.get("RIVER_KERNELS", "auto")
+    if mode not in ("auto", "ref", "ext"):
+        raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
+    if mode == "ref":
+        return False
+    try:
+        csrc_build().load()
+        return True
+    except Exception as e:  # no compiler, no ninja, a broken toolchain...
+        if mode == "ext":
+            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
+                      "using the PyTorch reference ops")
+        return False
 
 
 def vq_nearest(z, codebook):
@@ -1038,76 +993,6 @@ def euler_step_(x, v, dt):
         torch.ops.river.euler_step_(x, v, float(dt))
         return x
     return euler_step_reference_(x, v, dt)
-
-
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-
-
-def csrc_build():
-    """csrc/build.py: the sources and flags of the extension, shared with setup.py."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("river_build", os.path.join(CSRC, "build.py"))
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
-
-
-@functools.cache
-def load_kernels():
-    """Load the csrc/ extension; return True when torch.ops.river.* are usable.
-
-    Order: an installed build (pip install -e . / setup.py build_ext --inplace) if it was
-    built from the current csrc/ sources, else a JIT build of them with ninja into torch's
-    extension cache (which rebuilds when they change). Failure warns once and returns False.
-    """
-    mode = os.environ.get("RIVER_KERNELS", "auto")
-    if mode not in ("auto", "ref", "ext"):
-        raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
-    if mode == "ref":
-        return False
-    try:
-        import importlib.util
-        build, installed = csrc_build(), importlib.util.find_spec("river_kernels")
-        if installed and build.built_hash(installed.origin) == build.source_hash():
-            import river_kernels  # noqa: F401  (registers the ops)
-        else:
-            if installed:
-                warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
-                              "compiling the current ones (pip install --no-build-isolation -e . "
-                              "rebuilds the installed copy)")
-            from torch.utils.cpp_extension import load
-            args = build.extension_args(build.want_cuda())
-            print("river: building the csrc/ kernels with ninja (the first time compiles them, "
-                  "about a minute; later, only a check)", file=sys.stderr)
-            load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
-                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
-                 extra_ldflags=args["ldflags"], is_python_module=False)
-        _register_fakes()
-        return True
-    except Exception as e:  # no compiler, no ninja, a broken toolchain...
-        if mode == "ext":
-            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
-        cause = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
-                      "using the PyTorch reference ops")
-        return False
-
-
-def _register_fakes():
-    """Shape-only versions of the ops so torch.compile and opcheck can trace them."""
-    if getattr(_register_fakes, "done", False):
-        return
-
-    @torch.library.register_fake("river::vq_nearest")
-    def _(z, codebook):
-        return (z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0]))
-
-    @torch.library.register_fake("river::euler_step_")
-    def _(x, v, dt):
-        return None
-
-    _register_fakes.done = True
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -1291,6 +1176,88 @@ def gather_rng_states():
 
 
 # ---------------------------------------------------------------------------------------
+# The released RIVER models (github.com/Araachie/river) in river's classes
+# ---------------------------------------------------------------------------------------
+
+OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
+
+
+RIVER_BUFFERS = ("mean", "std", "usage", "calls")  # river's own, absent from official files
+
+
+def official_config(name):
+    """The Config of the released model `name` (a key of OFFICIAL): its preset with the U-ViT
+    and the official sampler (rk4 on 100 grid points = 99 steps, from s = 0; a single context
+    frame duplicated in the history)."""
+    if name not in OFFICIAL:
+        raise RiverError(f"{name!r} is not an official RIVER configuration: use one of "
+                         f"{', '.join(OFFICIAL)}")
+    head = "bn" if name == "bair256" else "ln"
+    return replace(PRESETS[OFFICIAL[name]], field="uvit", uvit_head=head, sample_steps=99,
+                   solver="rk4", warm_start=0.0, official_history=True)
+
+
+def load_strict(module, state, prefixes, path, what):
+    """Load the tensors of an official state dict into module: a key under a file prefix of
+    `prefixes` ({file prefix: module prefix}) names the module's key after it (CLEVRER's
+    vector_quantizer is river's quantize). A one-line RiverError names the first key that does
+    not fit; river's own buffers keep their initial values (latents unscaled, codes unused)."""
+    own, mapped = module.state_dict(), {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        name = None if prefix is None else (
+            prefixes[prefix] + key[len(prefix):].replace("vector_quantizer.", "quantize.", 1))
+        if name not in own:
+            raise RiverError(f"{path}: {key} {tuple(value.shape)} is no key of {what}")
+        if own[name].shape != value.shape:
+            raise RiverError(f"{path}: {key} is {tuple(value.shape)} where {what} has "
+                             f"{tuple(own[name].shape)}: a file of another architecture?")
+        mapped[name] = value
+    missing = [k for k in own if k not in mapped and k.split(".")[-1] not in RIVER_BUFFERS]
+    if missing:
+        raise RiverError(f"{path} has no tensor for {missing[0]} {tuple(own[missing[0]].shape)} "
+                         f"of {what}")
+    module.load_state_dict(mapped, strict=False)  # strict in effect: every key was checked
+
+
+def load_autoencoder_file(path, ae, trust=False):
+    """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
+    quantize.*, quant_conv.*, post_quant_conv.*) or a CLEVRER vqvae.pth ("model" with
+    module.encoder.*, ...) into `ae`, an autoencoder built with the file's architecture
+    (ae_config). Returns ae in eval mode."""
+    state = torch_load(path, trust)
+    state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict):
+        raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
+                         "(model)")
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # taming's GAN, LPIPS
+    load_strict(ae, state, {"module.": "", "": ""}, path, f"this {type(ae).__name__}")
+    return ae.eval()
+
+
+def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields):
+    """A River in eval mode, configured as official_config(name) with `fields` on top (the test
+    fixtures' smaller widths), from a released model.pth ("model" with module.ae.*, for clevrer
+    module.ae.backbone.*, and module.vector_field_regressor.*); ae_path: the autoencoder from
+    its own file instead (load_autoencoder_file). trust: allow unpickling objects."""
+    cfg = replace(official_config(name), **fields)
+    state = torch_load(path, trust).get("model")
+    if not isinstance(state, dict):
+        raise RiverError(f"{path} has no 'model' state dict: not a RIVER model.pth")
+    model = River(cfg)
+    ae = "module.ae.backbone." if cfg.ae_kind == "clevrer" else "module.ae."
+    field = "module.vector_field_regressor."
+    what = f"an official {name} model"
+    if ae_path:  # the autoencoder from its own file; model.pth's copy is left out
+        load_autoencoder_file(ae_path, model.ae, trust)
+        state = {k: v for k, v in state.items() if not k.startswith(ae)}
+        load_strict(model.field, state, {field: ""}, path, what)
+    else:
+        load_strict(model, state, {ae: "ae.", field: "field."}, path, what)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------
 # Training: one loop for both stages
 # ---------------------------------------------------------------------------------------
 
@@ -1457,7 +1424,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
 
 def psnr(a, b):
     """PSNR in dB per image of a, b (..., C, H, W) in [-1, 1], measured on [0, 1]."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)  # (..., C*H*W) -> (...)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
@@ -1481,7 +1448,7 @@ def ssim(a, b, window=11, sigma=1.5):
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).float().reshape(shape)
+    return s.flatten(1).mean(1).float().reshape(shape)  # (images, C, h', w') -> (...)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1492,6 +1459,16 @@ def endless(fn):
     """An endless iterator of fn() results: the batch stream of a training stage."""
     while True:
         yield fn()
+
+
+def pick_split(path, wanted):
+    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
+    splits = data_prep.splits_in(path)
+    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
+        return wanted
+    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
+    print(f"note: {path} has no {wanted!r} split; using {other!r}")
+    return other
 
 
 def spread_frames(path, count=256, split=None):
@@ -1571,6 +1548,16 @@ def train_autoencoder(model, cfg, data, run, device, ckpt=None, cache_mb=4096, *
     return psnr_db
 
 
+def ae_fingerprint(state):
+    """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
+    which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k.split(".")[-1] not in RIVER_BUFFERS):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
     """Stage 2: the vector field on latents of the frozen autoencoder.
     ckpt: the flow.pt to resume from; loop: accum and ckpt_every for train_stage."""
@@ -1603,16 +1590,6 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
 
 
 STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
-
-
-def ae_fingerprint(state):
-    """SHA-256 of an autoencoder's weights (its state dict without the latent statistics,
-    which the flow stage refits): a flow checkpoint records the autoencoder it was trained on."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in state if k.split(".")[-1] not in RIVER_BUFFERS):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False):
@@ -1673,16 +1650,6 @@ def prepare_run(run, cfg, force=False, rank=0):
 # Evaluation: FVD's Frechet distance, the field's protocols, the copy-last-frame baseline
 # ---------------------------------------------------------------------------------------
 
-def pick_split(path, wanted):
-    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
-    splits = data_prep.splits_in(path)
-    if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
-        return wanted
-    other = next(s for s in ("val", "test", "train", *splits) if s in splits)
-    print(f"note: {path} has no {wanted!r} split; using {other!r}")
-    return other
-
-
 def frechet_distance(mu1, cov1, mu2, cov2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
 
@@ -1699,7 +1666,7 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 def gaussian_fit(features):
     """Mean and covariance of features (clips, features)."""
     f = features.double()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])  # (features, features)
 
 
 def i3d_features(i3d, video, chunk=16):
@@ -1720,9 +1687,9 @@ def i3d_features(i3d, video, chunk=16):
                           mode="bilinear", align_corners=False)
         x = rearrange(x, "(b t) c h w -> b c t h w", b=len(v)).clamp(-1, 1)  # (B, C, T, 224, 224)
         if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1, -1)
+            x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
         with torch.no_grad():
-            features.append(i3d(x, **kwargs).reshape(len(v), -1).float().cpu())
+            features.append(i3d(x, **kwargs).reshape(len(v), -1).float().cpu())  # (B, features)
     return torch.cat(features)
 
 
@@ -1758,9 +1725,7 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     with memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
-    steps = model.cfg.sample_steps if steps is None else steps
-    warm_start = model.cfg.warm_start if warm_start is None else warm_start
-    solver = solver or model.cfg.solver
+    steps, warm_start, solver = model.sampler(steps, warm_start, solver)
     device = next(model.parameters()).device
     M, T = clips.shape[:2]
     truth = clips[:, context:]  # (M, P, C, H, W): P predicted frames
@@ -1804,14 +1769,29 @@ PROTOCOLS = {
 }
 
 
+def sampling_lengths(cfg, context=None, frames=None):
+    """(context, frames): the ones given, else the config's context and the rest of a
+    training clip after it."""
+    context = cfg.context if context is None else context
+    frames = cfg.clip_frames - context if frames is None else frames
+    if frames < 1:
+        raise RiverError(f"--context {context} leaves no frame of a {cfg.clip_frames}-frame clip "
+                         "to predict: pass --frames")
+    return context, frames
+
+
 def eval_settings(args, cfg):
     """Each evaluation setting: the option if given, else the protocol's, else river's default."""
-    defaults = dict(context=cfg.context, frames=cfg.clip_frames - cfg.context, videos=256,
-                    samples=1, report="mean", fvd_context=True)
     protocol = PROTOCOLS[args.protocol] if args.protocol else {}
-    given = {k: getattr(args, k, None) for k in defaults}
-    return {k: given[k] if given[k] is not None else protocol.get(k, v)
-            for k, v in defaults.items()}
+
+    def pick(key, default=None):
+        given = getattr(args, key, None)
+        return given if given is not None else protocol.get(key, default)
+
+    context, frames = sampling_lengths(cfg, pick("context"), pick("frames"))
+    return dict(context=context, frames=frames, videos=pick("videos", 256),
+                samples=pick("samples", 1), report=pick("report", "mean"),
+                fvd_context=pick("fvd_context", True))
 
 
 def print_eval(r):
@@ -1881,7 +1861,7 @@ def tracks(context, truth, pred, scale):
     ctx = bordered(rgb(context), (0, 200, 0), scale)
     fake = np.concatenate([ctx, bordered(rgb(pred), (220, 0, 0), scale)], 1)
     if truth is None:
-        return fake[:, None]
+        return fake[:, None]  # (B, 1, n+P, h, w, 3)
     real = np.concatenate([ctx, bordered(rgb(truth), (128, 128, 128), scale)], 1)
     return np.stack([real, fake], 1)
 
@@ -1988,9 +1968,7 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
-    steps = cfg.sample_steps if steps is None else steps
-    warm_start = cfg.warm_start if warm_start is None else warm_start
-    solver = solver or cfg.solver
+    steps, warm_start, solver = model.sampler(steps, warm_start, solver)
     context, frames = settings["context"], settings["frames"]
     clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
                                memory=True)
@@ -2010,6 +1988,24 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
                       for n in ("model_mean", "model_best", "copy_last")}))
     print(f"wrote {out}.json and {out}_psnr.png")
     return result
+
+
+def check_config(cfg):
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
+        if getattr(cfg, key) < 1:
+            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.frame_skip < 1:
+        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
+    if cfg.clip_frames < 3:
+        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
+                         f"got {cfg.clip_frames}")
+    if cfg.conditioning not in ("random", "last", "fixed", "dense"):
+        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last, fixed "
+                         "or dense")
+    if cfg.dense_frames < 2:
+        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
+    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
+        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
 def make_config(args):
@@ -2035,24 +2031,6 @@ def make_config(args):
     return cfg
 
 
-def check_config(cfg):
-    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
-        if getattr(cfg, key) < 1:
-            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.frame_skip < 1:
-        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
-    if cfg.clip_frames < 3:
-        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
-                         f"got {cfg.clip_frames}")
-    if cfg.conditioning not in ("random", "last", "fixed", "dense"):
-        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last, fixed "
-                         "or dense")
-    if cfg.dense_frames < 2:
-        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
-    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
-        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
-
-
 def cmd_train(args):
     cfg = make_config(args)
     train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
@@ -2063,27 +2041,18 @@ def cmd_train(args):
               f"{', samples.gif' if args.stage != 'ae' else ''})")
 
 
-def sampling_lengths(args, cfg):
-    """(context, frames): the options, else the preset's (argparse checked their range)."""
-    context = cfg.context if args.context is None else args.context
-    frames = cfg.clip_frames - context if args.frames is None else args.frames
-    if frames < 1:
-        raise RiverError(f"--context {context} leaves no frame of a {cfg.clip_frames}-frame clip "
-                         "to predict: pass --frames")
-    return context, frames
-
-
 def cmd_sample(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = load_model(args, device)
     cfg = model.cfg
-    context, frames = sampling_lengths(args, cfg)
+    context, frames = sampling_lengths(cfg, args.context, args.frames)
     if not (args.input or args.data):
         raise RiverError("nothing to predict from: pass --data FILE (its test split) or --input "
                          "(a video file, a folder of frames or a .npy clip)")
     if args.input:
-        clips = to_float(data_prep.read_clip(args.input, cfg.image_size, cfg.channels))[None]
+        clip = data_prep.read_clip(args.input, cfg.image_size, cfg.channels)  # uint8 (T, H, W, C)
+        clips = to_float(clip)[None]  # (1, T, C, H, W)
         if clips.shape[1] < context:
             raise RiverError(f"{args.input} has {clips.shape[1]} frames, fewer than --context "
                              f"{context}")
@@ -2104,8 +2073,6 @@ def cmd_eval(args):
     device = pick_device(args.device)
     model = load_model(args, device)
     settings = eval_settings(args, model.cfg)
-    args.context, args.frames = settings["context"], settings["frames"]
-    sampling_lengths(args, model.cfg)
     i3d = None
     if args.fvd_i3d:
         try:
@@ -2130,7 +2097,7 @@ def cmd_demo(args):
         data_prep.write_synthetic(data, seed=args.seed)
     cfg = PRESETS["tiny"]
     model = train(data, run, cfg, resume=True, device=args.device, seed=args.seed).eval()
-    context, frames = cfg.context, cfg.clip_frames - cfg.context
+    context, frames = sampling_lengths(cfg)
     settings = dict(context=context, frames=frames, videos=0, samples=1, report="mean",
                     fvd_context=True)
     split = pick_split(data, "test")

@@ -1,7 +1,8 @@
-"""How csrc/ is built: the one description that setup.py and river.py's JIT loader share.
+"""How csrc/ is built and loaded: the one description that setup.py and river.py share.
 
 Both build the extension `river_kernels` from the same sources with the same flags, by
-calling `extension_args()`. The sources' SHA-256 (`source_hash()`) is compiled into the
+calling `extension_args()`; river.py's `load_kernels` calls `load()`, which imports an
+installed build or compiles one with ninja. The sources' SHA-256 (`source_hash()`) is compiled into the
 library as the string "river-source-hash:<hex>", so river.py can tell a build made from
 other sources (an edited csrc/) from a current one without loading it (`built_hash()`).
 
@@ -17,6 +18,7 @@ Environment knobs: RIVER_NO_CUDA=1 builds the CPU extension even where CUDA coul
 CUDA_HOME names the toolkit (see guess_cuda_home); TORCH_CUDA_ARCH_LIST the GPU architectures.
 Nothing here imports torch at import time: setup.py must load this file without it.
 """
+import importlib.util
 import glob
 import hashlib
 import os
@@ -100,3 +102,44 @@ def extension_args(cuda, relative_to=None):
     define = f"-DRIVER_SOURCE_HASH={source_hash()}"  # river_ops.cpp makes it a string
     return {"sources": sources, "cxx": ["-O3", *omp, define], "nvcc": ["-O3", define],
             "include_dirs": cuda_include_dirs() if cuda else [], "ldflags": omp}
+
+
+def load():
+    """Make torch.ops.river.* usable, or raise. An installed river_kernels (pip install -e .,
+    setup.py build_ext --inplace) is imported if it was built from today's sources; otherwise
+    they are compiled with ninja into torch's extension cache, which recompiles only when
+    they change. Then the ops get their fakes (register_fakes)."""
+    installed = importlib.util.find_spec("river_kernels")
+    if installed and built_hash(installed.origin) == source_hash():
+        import river_kernels  # noqa: F401  (registers the ops)
+    else:
+        if installed:
+            import warnings
+            warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
+                          "compiling the current ones (pip install --no-build-isolation -e . "
+                          "rebuilds the installed copy)")
+        from torch.utils.cpp_extension import load as jit_load
+        args = extension_args(want_cuda())
+        print("river: building the csrc/ kernels with ninja (the first time compiles them, "
+              "about a minute; later, only a check)", file=sys.stderr)
+        jit_load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
+                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
+                 extra_ldflags=args["ldflags"], is_python_module=False)
+    register_fakes()
+
+
+def register_fakes():
+    """Shape-only versions of the ops, so torch.compile and opcheck can trace them (once)."""
+    import torch
+    if getattr(register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("river::vq_nearest")
+    def _(z, codebook):
+        return z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0])
+
+    @torch.library.register_fake("river::euler_step_")
+    def _(x, v, dt):
+        return None
+
+    register_fakes.done = True

@@ -1,4 +1,4 @@
-"""One build story: setup.py and river.py's JIT loader build csrc/ from csrc/build.py, and a
+"""One build story: setup.py and river.py build and load csrc/ through csrc/build.py, and a
 build made from other sources than today's csrc/ is noticed, not loaded silently."""
 import importlib.util
 import os
@@ -59,7 +59,7 @@ def test_a_library_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch)
     import torch.utils.cpp_extension
     monkeypatch.setattr(torch.utils.cpp_extension, "load",
                         lambda **kw: compiled.append(kw["extra_cflags"]))
-    monkeypatch.setattr(river, "_register_fakes", lambda: None)
+    monkeypatch.setattr(build, "register_fakes", lambda: None)
     monkeypatch.delenv("RIVER_KERNELS", raising=False)
     river.load_kernels.cache_clear()
     try:
