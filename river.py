@@ -1220,13 +1220,13 @@ def load_strict(module, state, prefixes, path, what):
     module.load_state_dict(mapped, strict=False)  # strict in effect: every key was checked
 
 
-def load_autoencoder_file(path, ae, trust=False):
+def load_autoencoder_file(path, ae, trust=False, ckpt=None):
     """Load a taming Lightning checkpoint (.ckpt: "state_dict" with encoder.*, decoder.*,
     quantize.*, quant_conv.*, post_quant_conv.*) or a CLEVRER vqvae.pth ("model" with
     module.encoder.*, ...) into `ae`, an autoencoder built with the file's architecture
-    (ae_config). Returns ae in eval mode."""
-    state = torch_load(path, trust)
-    state = state.get("state_dict", state.get("model"))
+    (ae_config). ckpt: the file, when it was read already. Returns ae in eval mode."""
+    ckpt = torch_load(path, trust) if ckpt is None else ckpt
+    state = ckpt.get("state_dict", ckpt.get("model"))
     if not isinstance(state, dict):
         raise RiverError(f"{path} is neither a taming .ckpt (state_dict) nor a CLEVRER vqvae.pth "
                          "(model)")
@@ -1495,19 +1495,23 @@ def psnr_of_reconstruction(ae, frames, device, chunk=256):
     return float(torch.cat(scores).mean())
 
 
-def autoencoder_state(path, cfg, trust=False):
+def autoencoder_state(path, cfg, trust=False, ckpt=None):
     """The weights of the autoencoder in `path`, as river's state dict: river's ae.pt or
-    flow.pt, or a taming .ckpt / CLEVRER vqvae.pth of cfg's architecture."""
-    ckpt = torch_load(path, trust)
+    flow.pt, or a taming .ckpt / CLEVRER vqvae.pth of cfg's architecture. ckpt: the file,
+    when it was read already (official files can be gigabytes)."""
+    ckpt = torch_load(path, trust) if ckpt is None else ckpt
     if "river" in ckpt:
         return ckpt["model"] if ckpt["stage"] == "ae" else ckpt["ae"]
-    return load_autoencoder_file(path, AUTOENCODERS[cfg.ae_kind](cfg), trust).state_dict()
+    ae = AUTOENCODERS[cfg.ae_kind](cfg)
+    return load_autoencoder_file(path, ae, trust, ckpt).state_dict()
 
 
-def load_autoencoder(model, path, trust=False):
-    """Put the autoencoder of `path` (see autoencoder_state) into model.ae."""
+def load_autoencoder(model, path, trust=False, state=None):
+    """Put the autoencoder of `path` (see autoencoder_state; state: its weights, when they
+    were read already) into model.ae."""
     try:
-        model.ae.load_state_dict(autoencoder_state(path, model.cfg, trust))
+        model.ae.load_state_dict(autoencoder_state(path, model.cfg, trust) if state is None
+                                 else state)
     except RuntimeError:
         raise RiverError(f"the autoencoder in {path} does not fit this config: pass the --preset "
                          "(or --ae-config) and options it was trained with")
@@ -1592,12 +1596,14 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
 STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
 
 
-def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False):
+def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
+              ae_state=None):
     """Every check on the run directory, before anything in it changes. Returns the
     checkpoints a resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
 
     Without resume or force, a checkpoint this training would overwrite is an error; a flow
-    checkpoint must belong to the autoencoder it continues with (`ae`: another file's).
+    checkpoint must belong to the autoencoder it continues with (`ae`: another file's, whose
+    weights are ae_state).
     """
     found = {s: os.path.join(run, f"{s}.pt") for s in ("ae", "flow")}
     found = {s: p for s, p in found.items() if os.path.exists(p)}
@@ -1617,7 +1623,7 @@ def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=F
         raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
                          "trained on another autoencoder: pass --force to start over")
     if ckpts["flow"] and "flow" in STAGES[stage]:
-        ae_state = autoencoder_state(ae, cfg, trust) if ae else ckpts["ae"] and ckpts["ae"]["model"]
+        ae_state = ae_state if ae else ckpts["ae"] and ckpts["ae"]["model"]
         if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
             raise RiverError(f"{found['flow']} was trained on another autoencoder than "
                              f"{ae or found['ae']}: pass the same --ae, or --force to start over")
@@ -1917,9 +1923,13 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
     run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
     Returns the River (the flow stage's EMA field)."""
-    if ae and "river" not in torch_load(ae, trust):  # a taming/CLEVRER file: official latents
-        cfg = replace(cfg, latent_stats=False)
-    ckpts = check_run(run, cfg, stage, ae, resume, force, trust)
+    ae_state = None
+    if ae and "flow" in STAGES[stage]:  # the file is read once, for the checks and the stage
+        ckpt = torch_load(ae, trust)
+        if "river" not in ckpt:  # a taming/CLEVRER file: official latents stay unscaled
+            cfg = replace(cfg, latent_stats=False)
+        ae_state = autoencoder_state(ae, cfg, trust, ckpt)
+    ckpts = check_run(run, cfg, stage, ae, resume, force, trust, ae_state)
     device = setup_distributed(pick_device(device))
     rank, world = dist_info()
     torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
@@ -1928,7 +1938,7 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     if "ae" in STAGES[stage] and not ae:
         train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
     if "flow" in STAGES[stage]:
-        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust)
+        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust, ae_state)
         model.ae.to(device)
         train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
         if rank == 0 and samples:

@@ -239,7 +239,7 @@ def test_sample_and_eval_run_a_released_model(tmp_path, monkeypatch):
     assert result["protocol"]["solver"] == "rk4" and result["nfe_per_frame"] == 8
 
 
-def test_train_a_flow_on_a_taming_autoencoder(tmp_path):
+def test_train_a_flow_on_a_taming_autoencoder(tmp_path, monkeypatch):
     """--ae with a Lightning .ckpt (a trusted one carrying pickled hyper-parameters): the flow
     trains on the official, unscaled latents, and the run refuses another autoencoder later."""
     import data_prep
@@ -256,6 +256,12 @@ def test_train_a_flow_on_a_taming_autoencoder(tmp_path):
     with pytest.raises(river.RiverError, match="--trust-checkpoint"):
         river.train(data, run, cfg, "flow", ae=ae, samples=False)
     model = river.train(data, run, cfg, "flow", ae=ae, trust=True, samples=False)
+    reads = []
+    monkeypatch.setattr(river, "torch_load", lambda p, trust=False, load=river.torch_load:
+                        reads.append(p) or load(p, trust))
+    river.train(data, run, cfg, "flow", ae=ae, trust=True, resume=True, samples=False)
+    assert reads.count(ae) == 1  # official files can be gigabytes: one read serves every use
+    monkeypatch.undo()
     assert json.loads(open(os.path.join(run, "config.json")).read())["latent_stats"] is False
     assert float(model.ae.std.min()) == float(model.ae.std.max()) == 1.0  # unscaled latents
     ref = torch.load(path("tiny-taming", "reference.pt"), weights_only=False)

@@ -537,6 +537,12 @@ def test_eval_protocols_fix_the_fields_conventions(data, trained_run, tmp_path):
     args = river.build_parser().parse_args(["eval", "--data", data, "--samples", "3"])
     assert river.eval_settings(args, cfg)["samples"] == 3
     assert river.eval_settings(args, cfg)["context"] == cfg.context
+    # a longer context leaves the rest of a training clip to predict, as in `sample`
+    args = river.build_parser().parse_args(["eval", "--data", data, "--context", "4"])
+    assert river.eval_settings(args, cfg)["frames"] == cfg.clip_frames - 4
+    args = river.build_parser().parse_args(["eval", "--data", data, "--context", "16"])
+    with pytest.raises(river.RiverError, match="leaves no frame"):
+        river.eval_settings(args, cfg)
     # explicit options override the protocol; eval.json records what was run and its name
     river.main(["eval", "--run", str(trained_run), "--data", data, "--protocol", "bair",
                 "--frames", "2", "--videos", "2", "--samples", "2", "--steps", "1",
