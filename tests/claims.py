@@ -456,10 +456,11 @@ def tables(res):
     """claims.md: every table, in the order of the run."""
     st = res["settings"]
     b = st["budget"]
+    threads = f"{st['threads']} thread" + ("" if st["threads"] == 1 else "s")
     lines = [
         f"# RIVER's claims at small scale{' (--quick: structure only, not results)' if st['quick'] else ''}",
         "",
-        f"{st['machine']}; torch {st['torch']}, {st['threads']} threads; tiny preset; "
+        f"{st['machine']}; torch {st['torch']}, {threads}; tiny preset; "
         f"{st['context']} context -> {st['predicted']} predicted frames; seed {st['seed']}. "
         f"Timings (steps/s, ms/frame, elapsed) are wall clock on a machine that may be shared "
         f"with other work: read them as rough.", "",
