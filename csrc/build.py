@@ -25,6 +25,7 @@ import os
 import shutil
 import site
 import sys
+import warnings
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["river_ops.cpp"]
@@ -114,7 +115,6 @@ def load():
         import river_kernels  # noqa: F401  (registers the ops)
     else:
         if installed:
-            import warnings
             warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
                           "compiling the current ones (pip install --no-build-isolation -e . "
                           "rebuilds the installed copy)")
