@@ -18,9 +18,9 @@ Environment knobs: RIVER_NO_CUDA=1 builds the CPU extension even where CUDA coul
 CUDA_HOME names the toolkit (see guess_cuda_home); TORCH_CUDA_ARCH_LIST the GPU architectures.
 Nothing here imports torch at import time: setup.py must load this file without it.
 """
-import importlib.util
 import glob
 import hashlib
+import importlib.util
 import os
 import shutil
 import site
