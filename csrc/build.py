@@ -2,9 +2,10 @@
 
 Both build the extension `river_kernels` from the same sources with the same flags, by
 calling `extension_args()`; river.py's `load_kernels` calls `load()`, which imports an
-installed build or compiles one with ninja. The sources' SHA-256 (`source_hash()`) is compiled into the
-library as the string "river-source-hash:<hex>", so river.py can tell a build made from
-other sources (an edited csrc/) from a current one without loading it (`built_hash()`).
+installed build or compiles one with ninja. The sources' SHA-256 (`source_hash()`) is
+compiled into the library as the string "river-source-hash:<hex>", so a build made from
+other sources (an edited csrc/) is told from a current one without loading it
+(`built_hash()`).
 
 Flags, and why:
     -O3                  the CPU loops rely on the vectoriser.
