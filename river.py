@@ -190,6 +190,18 @@ def vq_nearest_reference(z, codebook):
     return idx, d2.clamp_min(0)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def vq_nearest(z, codebook):
+    """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
+    bfloat16, one dtype and device), else vq_nearest_reference."""
+    if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
+            and load_kernels()):
+        return torch.ops.river.vq_nearest(z, codebook)
+    return vq_nearest_reference(z, codebook)
+
+
 def norm(ch, group=1):
     """GroupNorm (eps 1e-6) with taming's 32 groups where 32 divides ch into groups of at least
     `group` channels (the VQGAN: 1, the U-Net: 4); otherwise groups of 4 channels (river's small
@@ -591,6 +603,17 @@ def euler_step_reference_(x, v, dt):
     return x.add_(v, alpha=dt)
 
 
+def euler_step_(x, v, dt):
+    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
+    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
+    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
+            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
+            and load_kernels()):
+        torch.ops.river.euler_step_(x, v, float(dt))
+        return x
+    return euler_step_reference_(x, v, dt)
+
+
 def euler_slope(field, x, t, dt):
     return field(x, t)
 
@@ -716,9 +739,9 @@ class River(nn.Module):
 
 
 # =======================================================================================
-# The method ends here. What follows is machinery: the presets, the official code's own
-# architectures, the fused kernels, checkpoints and logs, the loading of the released
-# checkpoints, the training loop, evaluation, pictures and the command line.
+# The method ends here. What follows is machinery: the presets, the loader of the fused
+# kernels, checkpoints and logs, the official code's own architectures with the loaders of
+# its released checkpoints, the training loop, evaluation, pictures and the command line.
 # =======================================================================================
 
 
@@ -777,160 +800,6 @@ def config_from_dict(d):
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-
-
-# ---------------------------------------------------------------------------------------
-# The official code's own architectures, for its checkpoints: the authors' CLEVRER VQVAE
-# (Config.ae_kind="clevrer") and the U-ViT vector field (Config.field="uvit")
-# ---------------------------------------------------------------------------------------
-
-class PoolResBlock(nn.Module):
-    """The CLEVRER VQVAE's residual block: conv, average-pool by `pool`, norm, LeakyReLU(0.2),
-    conv, norm, plus a skip (1x1 conv, pool, norm when the shape changes), LeakyReLU. Its norms
-    are GroupNorms, although named bn."""
-
-    def __init__(self, ch_in, ch_out, pool=1):
-        super().__init__()
-        self.pool = pool
-        self.conv1, self.bn1 = nn.Conv2d(ch_in, ch_out, 3, padding=1, bias=False), norm(ch_out)
-        self.conv2, self.bn2 = nn.Conv2d(ch_out, ch_out, 3, padding=1, bias=False), norm(ch_out)
-        self.downsample = nn.Identity() if pool == 1 and ch_in == ch_out else nn.Sequential(
-            nn.Conv2d(ch_in, ch_out, 1, bias=False), nn.AvgPool2d(pool), norm(ch_out))
-
-    def forward(self, x):
-        h = F.leaky_relu(self.bn1(F.avg_pool2d(self.conv1(x), self.pool)), 0.2)
-        return F.leaky_relu(self.bn2(self.conv2(h)) + self.downsample(x), 0.2)
-
-
-class UpBlock(nn.Module):
-    """Nearest x2, 3x3 conv, BatchNorm, LeakyReLU(0.2): the CLEVRER decoder's upsampling."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv, self.norm = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
-
-    def forward(self, x):
-        return F.leaky_relu(self.norm(self.conv(F.interpolate(x, scale_factor=2.0))), 0.2)
-
-
-class ClevrerCoder(nn.Module):
-    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
-    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
-    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
-    single-head self-attention with a skip, residual block."""
-
-    def __init__(self, ch, c_in, c_out, decoder):
-        super().__init__()
-        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
-        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
-        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
-        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
-        self.post_attn_residual = PoolResBlock(mid, mid)
-        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
-                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
-        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
-        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
-        y = self.attn(y, y, y, need_weights=False)[0]
-        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
-        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
-        return torch.tanh(x) if self.decoder else x
-
-
-class ClevrerVQVAE(Autoencoder):
-    """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
-    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        ch = cfg.ae_decoder_channels or cfg.ae_channels
-        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
-        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
-
-    def pre_quant(self, x):
-        return self.encoder(x)
-
-    def post_quant(self, q):
-        return self.decoder(q)
-
-
-class GridPosition(nn.Module):
-    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
-
-    def __init__(self, dim, size=512):
-        super().__init__()
-        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
-        nn.init.uniform_(self.row_embed.weight, -1, 1)
-        nn.init.uniform_(self.col_embed.weight, -1, 1)
-
-    def forward(self, h, w):
-        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
-        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
-        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
-
-
-class TokenGrid(nn.Module):
-    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
-
-    def forward(self, x):
-        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
-
-
-class UViT(nn.Module):
-    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
-    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
-    long skips from in to out, and a convolutional head. Module names are the official ones, so
-    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        D, W = cfg.latent_dim, cfg.uvit_width
-
-        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
-            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
-                                              batch_first=True, norm_first=True)
-
-        self.position_encoding = GridPosition(W)
-        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
-        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
-        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
-        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
-        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
-                                        for _ in range(cfg.uvit_depth))
-        if cfg.uvit_head == "ln":
-            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
-                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
-        else:  # "bn"
-            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
-                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
-
-    def forward(self, x, t, ref, cond, d):
-        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
-        h, w = x.shape[-2:]
-        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
-        # every spatial token gets its position and the embedding of log d
-        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
-        tokens = tokens + self.position_encoding(h, w) + dist[:, None]  # + (h*w, W) + (B, 1, W)
-        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
-        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
-        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
-        skips = []
-        for layer in self.in_blocks:
-            tokens = layer(tokens)
-            skips.append(tokens)
-        tokens = self.mid_blocks(tokens)
-        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
-            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
-        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
-
-
-AUTOENCODERS["clevrer"] = ClevrerVQVAE
-FIELDS["uvit"] = UViT
-
-
 # ---------------------------------------------------------------------------------------
 # Fast ops: the fused csrc/ kernels behind vq_nearest and euler_step_
 # ---------------------------------------------------------------------------------------
@@ -938,9 +807,6 @@ FIELDS["uvit"] = UViT
 # of the sampler. The method calls them by name, vq_nearest and euler_step_, and holds their
 # plain PyTorch references; csrc/ holds fused C++/CUDA versions registered as torch.ops.river.*.
 # RIVER_KERNELS=ref|ext forces one side; by default the extension is used when it loads.
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @functools.cache
 def csrc_build():
@@ -973,26 +839,6 @@ def load_kernels():
         warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
                       "using the PyTorch reference ops")
         return False
-
-
-def vq_nearest(z, codebook):
-    """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
-    bfloat16, one dtype and device), else vq_nearest_reference."""
-    if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
-            and load_kernels()):
-        return torch.ops.river.vq_nearest(z, codebook)
-    return vq_nearest_reference(z, codebook)
-
-
-def euler_step_(x, v, dt):
-    """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
-    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
-    if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
-            and v.device == x.device and x.is_contiguous() and v.is_contiguous()
-            and load_kernels()):
-        torch.ops.river.euler_step_(x, v, float(dt))
-        return x
-    return euler_step_reference_(x, v, dt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1176,8 +1022,157 @@ def gather_rng_states():
 
 
 # ---------------------------------------------------------------------------------------
-# The released RIVER models (github.com/Araachie/river) in river's classes
+# The official code's own architectures and its released models (github.com/Araachie/river):
+# the authors' CLEVRER VQVAE (Config.ae_kind="clevrer"), the U-ViT vector field
+# (Config.field="uvit") and the loaders of their checkpoints
 # ---------------------------------------------------------------------------------------
+
+class PoolResBlock(nn.Module):
+    """The CLEVRER VQVAE's residual block: conv, average-pool by `pool`, norm, LeakyReLU(0.2),
+    conv, norm, plus a skip (1x1 conv, pool, norm when the shape changes), LeakyReLU. Its norms
+    are GroupNorms, although named bn."""
+
+    def __init__(self, ch_in, ch_out, pool=1):
+        super().__init__()
+        self.pool = pool
+        self.conv1, self.bn1 = nn.Conv2d(ch_in, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.conv2, self.bn2 = nn.Conv2d(ch_out, ch_out, 3, padding=1, bias=False), norm(ch_out)
+        self.downsample = nn.Identity() if pool == 1 and ch_in == ch_out else nn.Sequential(
+            nn.Conv2d(ch_in, ch_out, 1, bias=False), nn.AvgPool2d(pool), norm(ch_out))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.bn1(F.avg_pool2d(self.conv1(x), self.pool)), 0.2)
+        return F.leaky_relu(self.bn2(self.conv2(h)) + self.downsample(x), 0.2)
+
+
+class UpBlock(nn.Module):
+    """Nearest x2, 3x3 conv, BatchNorm, LeakyReLU(0.2): the CLEVRER decoder's upsampling."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(F.interpolate(x, scale_factor=2.0))), 0.2)
+
+
+class ClevrerCoder(nn.Module):
+    """The CLEVRER VQVAE's encoder (conv_in, residual blocks that pool by 2, the middle, norm,
+    swish, conv_out) or decoder (conv_in, the middle, residual blocks each followed by an
+    UpBlock, norm, swish, conv_out, tanh) over the widths ch. The middle: residual block,
+    single-head self-attention with a skip, residual block."""
+
+    def __init__(self, ch, c_in, c_out, decoder):
+        super().__init__()
+        mid, self.decoder = ch[0] if decoder else ch[-1], decoder
+        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
+        self.pre_attn_residual, self.attn_norm = PoolResBlock(mid, mid), norm(mid)
+        self.attn = nn.MultiheadAttention(mid, 1, batch_first=True)
+        self.post_attn_residual = PoolResBlock(mid, mid)
+        self.residuals = nn.Sequential(*(nn.Sequential(PoolResBlock(a, b), UpBlock(b)) if decoder
+                                         else PoolResBlock(a, b, pool=2) for a, b in zip(ch, ch[1:])))
+        self.out_norm, self.out_conv = norm(ch[-1]), nn.Conv2d(ch[-1], c_out, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        x = self.pre_attn_residual(x if self.decoder else self.residuals(x))
+        y = rearrange(self.attn_norm(x), "b c h w -> b (h w) c")
+        y = self.attn(y, y, y, need_weights=False)[0]
+        x = self.post_attn_residual(x + rearrange(y, "b (h w) c -> b c h w", h=x.shape[2]))
+        x = self.out_conv(F.silu(self.out_norm(self.residuals(x) if self.decoder else x)))
+        return torch.tanh(x) if self.decoder else x
+
+
+class ClevrerVQVAE(Autoencoder):
+    """The official CLEVRER autoencoder, the RIVER authors' own VQVAE: latents are the encoder's
+    outputs. Its files call the quantizer `vector_quantizer` (load_strict maps it)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        self.encoder = ClevrerCoder(cfg.ae_channels, cfg.channels, cfg.latent_dim, decoder=False)
+        self.decoder = ClevrerCoder(ch[::-1], cfg.latent_dim, cfg.channels, decoder=True)
+
+    def pre_quant(self, x):
+        return self.encoder(x)
+
+    def post_quant(self, q):
+        return self.decoder(q)
+
+
+class GridPosition(nn.Module):
+    """Learned 2-D positions: the token at (row i, column j) gets [col_embed[j] | row_embed[i]]."""
+
+    def __init__(self, dim, size=512):
+        super().__init__()
+        self.row_embed, self.col_embed = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
+        nn.init.uniform_(self.row_embed.weight, -1, 1)
+        nn.init.uniform_(self.col_embed.weight, -1, 1)
+
+    def forward(self, h, w):
+        rows = self.row_embed.weight[:h, None].expand(h, w, -1)  # (h, w, dim/2)
+        cols = self.col_embed.weight[None, :w].expand(h, w, -1)  # (h, w, dim/2)
+        return rearrange(torch.cat([cols, rows], -1), "h w c -> (h w) c")
+
+
+class TokenGrid(nn.Module):
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w), on a square grid as river's frames are."""
+
+    def forward(self, x):
+        return rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
+
+
+class UViT(nn.Module):
+    """The official vector field, a U-ViT: one token per latent pixel with channels [x_t, z_ref,
+    z_cond], a flow-time token in front, pre-norm transformer layers "in", "mid" and "out" with
+    long skips from in to out, and a convolutional head. Module names are the official ones, so
+    its state dict loads as it is (`time_projection` embeds the distance, not the time)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, W = cfg.latent_dim, cfg.uvit_width
+
+        def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
+            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
+                                              batch_first=True, norm_first=True)
+
+        self.position_encoding = GridPosition(W)
+        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
+        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
+        self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
+        self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
+        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
+                                        for _ in range(cfg.uvit_depth))
+        if cfg.uvit_head == "ln":
+            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
+                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
+        else:  # "bn"
+            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
+                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
+
+    def forward(self, x, t, ref, cond, d):
+        """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        h, w = x.shape[-2:]
+        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
+        # every spatial token gets its position and the embedding of log d
+        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]  # + (h*w, W) + (B, 1, W)
+        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
+        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
+        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
+        skips = []
+        for layer in self.in_blocks:
+            tokens = layer(tokens)
+            skips.append(tokens)
+        tokens = self.mid_blocks(tokens)
+        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
+            tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
+        return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
+
+
+AUTOENCODERS["clevrer"] = ClevrerVQVAE
+FIELDS["uvit"] = UViT
+
 
 OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
 
@@ -1652,6 +1647,32 @@ def prepare_run(run, cfg, force=False, rank=0):
         raise RiverError(f"cannot write the run directory {run} ({e.strerror}): pass a writable --run")
 
 
+def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
+          device=None, seed=0, **options):
+    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
+    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
+    run's. options: cache_mb, accum, ckpt_every. Returns the River (the flow stage's EMA field)."""
+    ae_state = None
+    if ae and "flow" in STAGES[stage]:  # the file is read once, for the checks and the stage
+        ckpt = torch_load(ae, trust)
+        if "river" not in ckpt:  # a taming/CLEVRER file: official latents stay unscaled
+            cfg = replace(cfg, latent_stats=False)
+        ae_state = autoencoder_state(ae, cfg, trust, ckpt)
+    ckpts = check_run(run, cfg, stage, ae, resume, force, trust, ae_state)
+    device = setup_distributed(pick_device(device))
+    rank, world = dist_info()
+    torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
+    prepare_run(run, cfg, force, rank)
+    model = River(cfg).to(device)
+    if "ae" in STAGES[stage] and not ae:
+        train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
+    if "flow" in STAGES[stage]:
+        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust, ae_state)
+        model.ae.to(device)
+        train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluation: FVD's Frechet distance, the field's protocols, the copy-last-frame baseline
 # ---------------------------------------------------------------------------------------
@@ -1913,41 +1934,18 @@ def write_predictions(model, context, truth, frames, stem, **sample_args):
     return pred
 
 
+def write_samples(model, data, run):
+    """run/samples.gif and .png: predictions of 4 val clips after training, to look at."""
+    cfg = model.cfg
+    clips = eval_clips(data, pick_split(data, "val"), cfg.context, cfg.clip_frames - cfg.context,
+                       cfg.frame_skip, 4)
+    write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
+                      clips.shape[1] - cfg.context, os.path.join(run, "samples"))
+
+
 # ---------------------------------------------------------------------------------------
 # Commands: train, sample, eval, demo, claims, as functions and on the command line
 # ---------------------------------------------------------------------------------------
-
-def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
-          device=None, seed=0, samples=True, **options):
-    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
-    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
-    run's. options: cache_mb, accum, ckpt_every. samples: write samples.gif/png of val clips.
-    Returns the River (the flow stage's EMA field)."""
-    ae_state = None
-    if ae and "flow" in STAGES[stage]:  # the file is read once, for the checks and the stage
-        ckpt = torch_load(ae, trust)
-        if "river" not in ckpt:  # a taming/CLEVRER file: official latents stay unscaled
-            cfg = replace(cfg, latent_stats=False)
-        ae_state = autoencoder_state(ae, cfg, trust, ckpt)
-    ckpts = check_run(run, cfg, stage, ae, resume, force, trust, ae_state)
-    device = setup_distributed(pick_device(device))
-    rank, world = dist_info()
-    torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
-    prepare_run(run, cfg, force, rank)
-    model = River(cfg).to(device)
-    if "ae" in STAGES[stage] and not ae:
-        train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
-    if "flow" in STAGES[stage]:
-        load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust, ae_state)
-        model.ae.to(device)
-        train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
-        if rank == 0 and samples:
-            clips = eval_clips(data, pick_split(data, "val"), cfg.context,
-                               cfg.clip_frames - cfg.context, cfg.frame_skip, 4)
-            write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
-                              clips.shape[1] - cfg.context, os.path.join(run, "samples"))
-    return model
-
 
 def load_river(path, device, trust=False):
     """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
@@ -2043,9 +2041,11 @@ def make_config(args):
 
 def cmd_train(args):
     cfg = make_config(args)
-    train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
-          args.trust_checkpoint, args.device, args.seed, cache_mb=args.cache_mb,
-          accum=args.accum, ckpt_every=args.ckpt_every)
+    model = train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
+                  args.trust_checkpoint, args.device, args.seed, cache_mb=args.cache_mb,
+                  accum=args.accum, ckpt_every=args.ckpt_every)
+    if dist_info()[0] == 0 and args.stage != "ae":
+        write_samples(model, args.data, args.run)
     if dist_info()[0] == 0:
         print(f"run directory: {args.run} (config.json, *.pt, metrics.jsonl, loss.png"
               f"{', samples.gif' if args.stage != 'ae' else ''})")
@@ -2107,6 +2107,7 @@ def cmd_demo(args):
         data_prep.write_synthetic(data, seed=args.seed)
     cfg = PRESETS["tiny"]
     model = train(data, run, cfg, resume=True, device=args.device, seed=args.seed).eval()
+    write_samples(model, data, run)
     context, frames = sampling_lengths(cfg)
     settings = dict(context=context, frames=frames, videos=0, samples=1, report="mean",
                     fvd_context=True)

@@ -135,8 +135,7 @@ def autoencoders(paths, cfg, out, demo_run, device, seed):
             found[name] = (demo_ae, f"reused from {demo_run}")
             continue
         run = os.path.join(out, f"ae-{name}")
-        river.train(paths[name], run, cfg, "ae", resume=True, device=device, seed=seed,
-                    samples=False)
+        river.train(paths[name], run, cfg, "ae", resume=True, device=device, seed=seed)
         found[name] = (os.path.join(run, "ae.pt"), f"trained here ({cfg.ae_steps} steps)")
     found["slow_balls"] = (found["balls"][0], "the balls' autoencoder (the same look)")
     result = {}
@@ -166,7 +165,7 @@ def train_flow(data, run, cfg, ae, seed, device):
     if stale:
         print(f"{run} was trained with other settings: starting it over")
     model = river.train(data, run, cfg, "flow", ae=ae, resume=not stale, force=stale,
-                        device=device, seed=seed, samples=False)
+                        device=device, seed=seed)
     with open(marker, "w") as f:
         json.dump(key, f)
     return model.eval()

@@ -254,12 +254,12 @@ def test_train_a_flow_on_a_taming_autoencoder(tmp_path, monkeypatch):
                         ae_attention=(2,), flow_steps=2, flow_batch=2, clip_frames=6)
     run, ae = str(tmp_path / "run"), str(tmp_path / "lightning.ckpt")
     with pytest.raises(river.RiverError, match="--trust-checkpoint"):
-        river.train(data, run, cfg, "flow", ae=ae, samples=False)
-    model = river.train(data, run, cfg, "flow", ae=ae, trust=True, samples=False)
+        river.train(data, run, cfg, "flow", ae=ae)
+    model = river.train(data, run, cfg, "flow", ae=ae, trust=True)
     reads = []
     monkeypatch.setattr(river, "torch_load", lambda p, trust=False, load=river.torch_load:
                         reads.append(p) or load(p, trust))
-    river.train(data, run, cfg, "flow", ae=ae, trust=True, resume=True, samples=False)
+    river.train(data, run, cfg, "flow", ae=ae, trust=True, resume=True)
     assert reads.count(ae) == 1  # official files can be gigabytes: one read serves every use
     monkeypatch.undo()
     assert json.loads(open(os.path.join(run, "config.json")).read())["latent_stats"] is False
