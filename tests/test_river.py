@@ -444,6 +444,19 @@ def test_sample_and_eval_end_to_end(data, trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "copy last frame" in printed and "FVD skipped" in printed
     assert json.loads(printed.strip().splitlines()[-2])["copy_last"]["psnr"] > 0
+    assert "autoencoder (ceiling)" in printed
+
+
+def test_eval_reports_the_autoencoders_ceiling(data, trained_run):
+    """The ceiling row is the quantized reconstruction of the very frames being predicted."""
+    model = river.load_river(str(trained_run), "cpu")
+    clips = river.eval_clips(data, "test", 2, 3, 1, 3)
+    out = river.evaluate(model, clips, 2, steps=1)
+    recon = model.ae.decode(model.ae.encode(clips[:, 2:].flatten(0, 1))).view(clips[:, 2:].shape)
+    expected = river.psnr(recon, clips[:, 2:])
+    assert out["autoencoder"]["psnr"] == pytest.approx(float(expected.mean()), abs=1e-4)
+    assert out["autoencoder"]["psnr_per_frame"] == pytest.approx(expected.mean(0).tolist(), abs=1e-4)
+    assert out["autoencoder"]["psnr"] != pytest.approx(out["copy_last"]["psnr"], abs=1e-3)
 
 
 def test_sample_from_a_users_npy_clip(trained_run, tmp_path):
