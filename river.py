@@ -100,6 +100,14 @@ class Config:
     warm_start: float = 0.0
     solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
+    # refinement (stage 3, optional): the refiner (RCAN) sharpens decoded frames
+    refine_steps: int = 0          # 0: no refiner
+    refine_groups: int = 3         # residual groups (official: 3)
+    refine_blocks: int = 3         # residual blocks per group (official: 3)
+    refine_width: int = 64         # channels (official: 64)
+    refine_batch: int = 32         # frame pairs per step
+    refine_lr: float = 1e-3
+    refine_loss: str = "mse"       # mse | l1, on pixels (+ 0.1 x an I3D loss with --refine-i3d)
 
 
 class RiverError(Exception):
@@ -680,12 +688,86 @@ def warm_start_state(z_last, s, sigma_min, eps=None):
                        sigma_min)
 
 
+# ---------------------------------------------------------------------------------------
+# Refinement (stage 3, optional): a decoded frame, sharpened given the frame before it
+# ---------------------------------------------------------------------------------------
+# The VQ bottleneck loses texture. Most of it is still in the previous frame (what did not
+# move looks the same), so the refiner sees [previous frame, decoded frame] and puts back what
+# the codes dropped. It is RCAN (Zhang et al. 2018), as in the official refinement/.
+
+def conv3x3(ch_in, ch_out):
+    return nn.Conv2d(ch_in, ch_out, 3, padding=1)
+
+
+class Residual(nn.Module):
+    """x + body(x)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ChannelAttention(nn.Module):
+    """x * gate(x): one weight per channel from the whole image (global average pool, 1x1 conv
+    ch -> ch/r, ReLU, 1x1 conv back, sigmoid), so a block can turn channels up or down."""
+
+    def __init__(self, ch, reduction):
+        super().__init__()
+        self.conv_du = nn.Sequential(nn.Conv2d(ch, ch // reduction, 1), nn.ReLU(),
+                                     nn.Conv2d(ch // reduction, ch, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.conv_du(x.mean((2, 3), keepdim=True))  # (B, ch, 1, 1) gates
+
+
+class Refiner(nn.Module):
+    """refiner(previous, frame) -> frame refined, all (B, C, H, W) in [-1, 1]: a 3x3 conv of the
+    2C input channels to `width`; `groups` residual groups of `blocks` residual blocks (conv,
+    ReLU, conv, channel attention) and a conv; a conv and a long residual; a 3x3 conv to C.
+    skip=True adds the frame to the output (river's, trained here: it starts as the identity);
+    the official files have no such skip, and an optional tanh."""
+
+    def __init__(self, channels=3, groups=3, blocks=3, width=64, reduction=8, tanh=False,
+                 skip=False):
+        super().__init__()
+        self.tanh, self.skip = tanh, skip
+
+        def block():
+            return Residual(conv3x3(width, width), nn.ReLU(), conv3x3(width, width),
+                            ChannelAttention(width, reduction))
+
+        self.head = conv3x3(2 * channels, width)
+        self.body = nn.Sequential(*(Residual(*(block() for _ in range(blocks)),
+                                             conv3x3(width, width)) for _ in range(groups)),
+                                  conv3x3(width, width))
+        self.tail = conv3x3(width, channels)
+        if skip:  # zero output layer: a refiner that has learnt nothing changes nothing
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
+
+    def forward(self, previous, frame):
+        h = self.head(torch.cat([previous, frame], 1))  # (B, 2C, H, W) -> (B, width, H, W)
+        y = self.tail(h + self.body(h))
+        y = torch.tanh(y) if self.tanh else y
+        return frame + y if self.skip else y
+
+
+# ---------------------------------------------------------------------------------------
+# River: the whole model
+# ---------------------------------------------------------------------------------------
+
 class River(nn.Module):
-    """The whole model: a frozen VQ autoencoder and the vector field (Config.ae_kind, .field)."""
+    """The whole model: a frozen VQ autoencoder, the vector field (Config.ae_kind, .field) and,
+    when the config trains one (refine_steps > 0), the refiner."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
+        self.refiner = Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks,
+                               cfg.refine_width, skip=True) if cfg.refine_steps else None
 
     def sampler(self, steps=None, warm_start=None, solver=None):
         """(steps, warm_start, solver): the ones given, the config's where None."""
@@ -715,14 +797,28 @@ class River(nn.Module):
         return integrate(field, x, time_grid(warm_start, steps), solver)
 
     @torch.no_grad()
+    def refine(self, previous, frames):
+        """Refine predicted frames (B, P, C, H, W) one after the other, each with the frame
+        before it: `previous` (B, C, H, W), the last real frame, for the first, then the
+        refinement of the one before."""
+        out = []
+        for frame in frames.unbind(1):
+            previous = self.refiner(previous, frame).clamp(-1, 1)
+            out.append(previous)
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
     def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver=None,
-                        past_horizon=-1, verbose=False):
+                        past_horizon=-1, verbose=False, refine=False):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
 
         Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
-        passed through the autoencoder, then the predictions. `steps` are solver steps over
-        [0, 1] (see time_grid); defaults come from the config.
+        passed through the autoencoder, then the predictions (refined with refine=True).
+        `steps` are solver steps over [0, 1] (see time_grid); defaults come from the config.
         """
+        if refine and self.refiner is None:
+            raise RiverError("refine=True but this model has no refiner: train one (train "
+                             "--stage refine) or load one (load_refiner)")
         steps, warm_start, solver = self.sampler(steps, warm_start, solver)
         B, n = context.shape[:2]
         z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
@@ -735,7 +831,10 @@ class River(nn.Module):
             history = torch.cat([history, z_next[:, None]], 1)  # (B, L + 1, D, h, w)
         z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
-        return rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+        frames = rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+        if refine:
+            frames[:, n:] = self.refine(context[:, -1], frames[:, n:])
+        return frames
 
 
 # =======================================================================================
@@ -895,7 +994,7 @@ def sweep_temporary_files(run, stage, rank=0):
 # with other values (a longer budget, another batch size or learning rate).
 SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
                    "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
-                   "warm_start"}
+                   "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss"}
 
 
 def torch_load(path, trust=False):
@@ -929,8 +1028,9 @@ def load_checkpoint(path, cfg=None, trust=False):
     if not isinstance(ckpt, dict) or "river" not in ckpt:
         raise RiverError(f"{path} is not a river checkpoint")
     if cfg is not None:
+        defaults = asdict(Config())  # a key an older river did not write has its default
         diff = sorted(k for k, v in asdict(cfg).items()
-                      if k not in SCHEDULE_FIELDS and ckpt["config"].get(k) != v)
+                      if k not in SCHEDULE_FIELDS and ckpt["config"].get(k, defaults[k]) != v)
         if diff:
             raise RiverError(f"{path} was trained with another config (differs in "
                              f"{', '.join(diff)}): use the same --preset and options, or another --run")
@@ -975,7 +1075,7 @@ class RunLog:
     def plot(self):
         """loss.png: training loss of each stage against steps."""
         rows = self.rows() if self.enabled else []
-        stages = [s for s in ("ae", "flow") if any(r.get("stage") == s and "loss" in r for r in rows)]
+        stages = [s for s in ("ae", "flow", "refine") if any(r.get("stage") == s and "loss" in r for r in rows)]
         if not stages:
             return
         plt = pyplot()
@@ -1258,6 +1358,45 @@ def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields)
     return model.to(device).eval()
 
 
+def refiner_from_file(path, ckpt):
+    """A Refiner from a loaded checkpoint: river's refine.pt (sizes from its config) or the
+    official refinement/ checkpoint ("refiner": state dict with DDP's module. keys; sizes from
+    its "args" where present, else from the tensors' shapes)."""
+    if ckpt.get("stage") == "refine":
+        cfg = config_from_dict(ckpt["config"])
+        refiner = Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks, cfg.refine_width,
+                          skip=True)
+        refiner.load_state_dict(ckpt["ema"] or ckpt["model"])
+        return refiner
+    state = ckpt.get("refiner")
+    if not isinstance(state, dict) or not any(k.endswith("head.weight") for k in state):
+        raise RiverError(f"{path} is not a refiner: neither river's refine.pt nor the official "
+                         "refinement checkpoint (a 'refiner' state dict)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    args = vars(ckpt.get("args") or argparse.Namespace())
+    width, inputs = state["head.weight"].shape[:2]  # (width, 2C, 3, 3)
+    groups = sum(f"body.{i}.body.0.body.0.weight" in state for i in range(len(state)))
+    blocks = sum(f"body.0.body.{j}.body.0.weight" in state for j in range(len(state)))
+    reduction = width // len(state["body.0.body.0.body.3.conv_du.0.bias"])
+    refiner = Refiner(inputs // 2, args.get("rcan_stages", groups),
+                      args.get("rcan_blocks_per_stage", blocks), args.get("rcan_channels", width),
+                      args.get("rcan_reduction", reduction), args.get("rcan_tanh", False))
+    load_strict(refiner, state, {"": ""}, path, "a refiner")
+    return refiner
+
+
+def load_refiner(path, device="cpu", trust=False):
+    """The refiner of `path` in eval mode, called as refiner(previous, frame) on (B, C, H, W)
+    in [-1, 1]: river's refine.pt, a run directory holding one, or an official refinement
+    checkpoint. The official file's argparse Namespace is allowed without trust: it holds
+    plain values."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "refine.pt")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch_load(path, trust)
+    return refiner_from_file(path, ckpt).to(device).eval()
+
+
 # ---------------------------------------------------------------------------------------
 # Training: one loop for both stages
 # ---------------------------------------------------------------------------------------
@@ -1420,7 +1559,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics: PSNR and SSIM
+# Metrics: PSNR, SSIM and FVD (the Frechet distance of I3D features)
 # ---------------------------------------------------------------------------------------
 
 def psnr(a, b):
@@ -1452,8 +1591,54 @@ def ssim(a, b, window=11, sigma=1.5):
     return s.flatten(1).mean(1).float().reshape(shape)  # (images, C, h', w') -> (...)
 
 
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
+
+    tr((S1 S2)^(1/2)) = sum of sqrt of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric
+    matrix, so only symmetric eigendecompositions are needed.
+    """
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, cov1, mu2, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # S1^(1/2)
+    middle = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * middle)
+
+
+def gaussian_fit(features):
+    """Mean and covariance of features (clips, features)."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])  # (features, features)
+
+
+def i3d_call(i3d, video):
+    """Features (B, features) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D,
+    differentiable (the refiner's perceptual loss).
+
+    The I3D of published FVDs (StyleGAN-V's i3d_torchscript.pt, used by MCVD, ExtDM and the
+    tools derived from them) takes (B, 3, T, 224, 224) in [-1, 1] and is called with
+    rescale=False, resize=False, return_features=True; a module without those keyword
+    arguments is called with the video alone.
+    """
+    names = {a.name for a in i3d.forward.schema.arguments} if hasattr(i3d.forward, "schema") else set()
+    kwargs = ({"rescale": False, "resize": False, "return_features": True}
+              if {"rescale", "resize", "return_features"} <= names else {})
+    device = next(iter(i3d.parameters()), torch.empty(0)).device
+    x = F.interpolate(rearrange(video, "b t c h w -> (b t) c h w").to(device), size=(224, 224),
+                      mode="bilinear", align_corners=False)
+    x = rearrange(x, "(b t) c h w -> b c t h w", b=len(video)).clamp(-1, 1)  # (B, C, T, 224, 224)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
+    return i3d(x, **kwargs).reshape(len(video), -1).float()  # (B, features)
+
+
+@torch.no_grad()
+def i3d_features(i3d, video, chunk=16):
+    """i3d_call over videos (B, T, C, H, W) in chunks, without gradients, on the CPU."""
+    return torch.cat([i3d_call(i3d, v).cpu() for v in video.split(chunk)])
+
+
 # ---------------------------------------------------------------------------------------
-# The two training stages, and the checks that keep a run directory safe
+# The training stages, and the checks that keep a run directory safe
 # ---------------------------------------------------------------------------------------
 
 def endless(fn):
@@ -1472,28 +1657,34 @@ def pick_split(path, wanted):
     return other
 
 
-def spread_frames(path, count=256, split=None):
-    """Up to `count` frames spread evenly over a split's videos, in a fixed order.
+def spread_frames(path, count=256, split=None, span=1, skip=1):
+    """Up to `count` frames spread evenly over a split's videos, in a fixed order: (N, C, H, W),
+    or with span > 1 runs of `span` frames (every skip-th), (N, span, C, H, W).
 
     By default the val split (or what pick_split offers instead): frames not trained on.
     """
     split = split or pick_split(path, "val")
     store = data_prep.VideoStore(path, split)
-    per_video = max(1, count // len(store))
-    frames = [store.read(v, i, i + 1) for v in range(min(len(store), count))
-              for i in np.linspace(0, store.lengths[v] - 1, per_video).astype(int)]
-    return to_float(np.concatenate(frames[:count]))
+    length = (span - 1) * skip + 1
+    videos = [v for v in range(len(store)) if store.lengths[v] >= length][:count]
+    per_video = max(1, count // max(1, len(videos)))
+    runs = [store.read(v, i, i + length, skip) for v in videos
+            for i in np.linspace(0, store.lengths[v] - length, per_video).astype(int)]
+    x = to_float(np.stack(runs[:count]))  # (N, span, C, H, W)
+    return x[:, 0] if span == 1 else x
 
 
-def psnr_of_reconstruction(ae, frames, device, chunk=256):
+def reconstruct(ae, frames, device, chunk=256):
+    """The autoencoder's quantized reconstruction of frames (..., C, H, W), on their device:
+    the ceiling of every prediction that it decodes."""
+    flat = frames.reshape(-1, *frames.shape[-3:])  # (N, C, H, W)
+    out = [ae.decode(ae.encode(x.to(device))).to(frames.device) for x in flat.split(chunk)]
+    return torch.cat(out).view(frames.shape)
+
+
+def psnr_of_reconstruction(ae, frames, device):
     """Mean PSNR (dB) of quantized reconstructions of frames (B, C, H, W) in [-1, 1]."""
-    ae.eval()
-    scores = []
-    with torch.no_grad():
-        for x in frames.split(chunk):
-            x = x.to(device)
-            scores.append(psnr(ae.decode(ae.encode(x)), x))
-    return float(torch.cat(scores).mean())
+    return float(psnr(reconstruct(ae.eval(), frames, device), frames).mean())
 
 
 def autoencoder_state(path, cfg, trust=False, ckpt=None):
@@ -1594,39 +1785,92 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
     return model
 
 
-STAGES = {"ae": ("ae",), "flow": ("flow",), "all": ("ae", "flow")}
+def train_refiner(model, cfg, data, run, device, ckpt=None, cache_mb=4096, i3d=None, **loop):
+    """Stage 3: the refiner on the frozen autoencoder's frames: refiner(true frame t-1,
+    reconstruction of frame t) -> frame t, by a pixel loss (cfg.refine_loss), plus 0.1 x the
+    distance of I3D features of the refined clip and the true one with an I3D (TorchScript).
+    ckpt: the refine.pt to resume from; loop: accum and ckpt_every for train_stage."""
+    rank, world = dist_info()
+    ae = model.ae.eval().requires_grad_(False)
+    frames = cfg.clip_frames if i3d is not None else 2  # I3D needs clips, the pixel loss pairs
+    clips = ClipDataset(data, frames, cfg.frame_skip, "train", cache_mb << 20)
+    shard = list(range(rank, len(clips), world))
+    pixel = F.l1_loss if cfg.refine_loss == "l1" else F.mse_loss
+
+    def batch():  # (B, 2, T, C, H, W): true clips and their reconstructions
+        x = clips.batch(max(1, cfg.refine_batch // (frames - 1)), shard).to(device)
+        return torch.stack([x, reconstruct(ae, x, device)], 1)
+
+    def loss_fn(refiner, x):
+        real, recon = x.unbind(1)  # 2 x (B, T, C, H, W)
+        out = refiner(real[:, :-1].flatten(0, 1), recon[:, 1:].flatten(0, 1))  # (B (T-1), C, H, W)
+        out = out.view_as(real[:, 1:])
+        loss = pixel(out, real[:, 1:])
+        if i3d is not None:
+            fake = torch.cat([real[:, :1], out], 1)  # the clip with its frames refined
+            loss = loss + 0.1 * F.mse_loss(i3d_call(i3d, fake), i3d_call(i3d, real))
+        return loss, {}
+
+    pairs = spread_frames(data, span=2, skip=cfg.frame_skip)  # (M, 2, C, H, W) held out
+    recon = reconstruct(ae, pairs[:, 1], device)
+
+    def evaluate(refiner):
+        refiner.eval()
+        with torch.no_grad():
+            out = torch.cat([refiner(p.to(device), r.to(device)).cpu()
+                             for p, r in zip(pairs[:, 0].split(64), recon.split(64))])
+        return {"refine_psnr": float(psnr(out.clamp(-1, 1), pairs[:, 1]).mean())}
+
+    state = ae.state_dict()
+    model.refiner = train_stage("refine", model.refiner, loss_fn, endless(batch),
+                                cfg.refine_steps, cfg.refine_lr, cfg, run, device, ckpt=ckpt,
+                                evaluate=evaluate, extra={"ae_hash": ae_fingerprint(state)}, **loop)
+    if rank == 0:
+        print(f"refiner: {evaluate(model.refiner)['refine_psnr']:.2f} dB PSNR on {len(pairs)} "
+              f"held-out frames (the autoencoder alone: {psnr(recon, pairs[:, 1]).mean():.2f} dB)")
+    return model
+
+
+STAGES = {"ae": ("ae",), "flow": ("flow",), "refine": ("refine",), "all": ("ae", "flow", "refine")}
+
+
+def stages_of(stage, cfg):
+    """The stages that `--stage stage` trains: "all" trains the refiner when the config asks."""
+    return tuple(s for s in STAGES[stage] if s != "refine" or cfg.refine_steps or stage == s)
 
 
 def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
               ae_state=None):
     """Every check on the run directory, before anything in it changes. Returns the
-    checkpoints a resume continues from: {"ae": ckpt or None, "flow": ckpt or None}.
+    checkpoints a resume continues from: {"ae": ckpt or None, "flow": ..., "refine": ...}.
 
-    Without resume or force, a checkpoint this training would overwrite is an error; a flow
-    checkpoint must belong to the autoencoder it continues with (`ae`: another file's, whose
-    weights are ae_state).
+    Without resume or force, a checkpoint this training would overwrite is an error; the flow
+    and refine checkpoints must belong to the autoencoder they continue with (`ae`: another
+    file's, whose weights are ae_state).
     """
-    found = {s: os.path.join(run, f"{s}.pt") for s in ("ae", "flow")}
+    todo, none = stages_of(stage, cfg), {"ae": None, "flow": None, "refine": None}
+    found = {s: os.path.join(run, f"{s}.pt") for s in none}
     found = {s: p for s, p in found.items() if os.path.exists(p)}
-    trains_ae = "ae" in STAGES[stage] and not ae
-    writes = [s for s in found if s in STAGES[stage] and (s == "flow" or trains_ae)]
-    if trains_ae and "flow" in found:
-        writes = sorted(set(writes) | {"flow"})  # a new autoencoder orphans the flow model
+    trains_ae = "ae" in todo and not ae
+    writes = {s for s in found if s in todo and (s != "ae" or trains_ae)}
+    if trains_ae:
+        writes |= set(found) - {"ae"}  # a new autoencoder orphans what was trained on the old
     if force or not writes:
-        return {"ae": None, "flow": None}
-    names = " and ".join(os.path.basename(found[s]) for s in writes)
+        return none
+    names = " and ".join(os.path.basename(found[s]) for s in sorted(writes))
     if not resume:
         raise RiverError(f"{run} already holds {names}: pass --resume to continue training, "
                          "or --force to start over (the old files are moved to a dated subfolder)")
-    ckpts = {s: load_checkpoint(found[s], cfg, trust) if s in found else None
-             for s in ("ae", "flow")}
-    if trains_ae and ckpts["flow"] and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
-        raise RiverError(f"training the autoencoder of {run} further would leave flow.pt "
-                         "trained on another autoencoder: pass --force to start over")
-    if ckpts["flow"] and "flow" in STAGES[stage]:
-        ae_state = ae_state if ae else ckpts["ae"] and ckpts["ae"]["model"]
-        if ae_state is not None and ckpts["flow"].get("ae_hash") != ae_fingerprint(ae_state):
-            raise RiverError(f"{found['flow']} was trained on another autoencoder than "
+    ckpts = {s: load_checkpoint(found[s], cfg, trust) if s in found else None for s in none}
+    later = [s for s in ("flow", "refine") if ckpts[s]]  # stages on top of the autoencoder
+    if trains_ae and later and ckpts["ae"] and ckpts["ae"]["step"] < cfg.ae_steps:
+        raise RiverError(f"training the autoencoder of {run} further would leave {later[0]}.pt "
+                         f"trained on another autoencoder: to train {later[-1]} longer pass "
+                         f"--{later[-1]}-steps, to start over --force")
+    ae_state = ae_state if ae else ckpts["ae"] and ckpts["ae"]["model"]
+    for s in later:
+        if s in todo and ae_state is not None and ckpts[s].get("ae_hash") != ae_fingerprint(ae_state):
+            raise RiverError(f"{found[s]} was trained on another autoencoder than "
                              f"{ae or found['ae']}: pass the same --ae, or --force to start over")
     return ckpts
 
@@ -1654,12 +1898,14 @@ def prepare_run(run, cfg, force=False, rank=0):
 
 
 def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust=False,
-          device=None, seed=0, **options):
-    """Train the stage(s) of cfg ("ae", "flow" or "all") on the HDF5 file `data` into the run
-    directory; ae: train the flow stage on this ae.pt/flow.pt's autoencoder instead of the
-    run's. options: cache_mb, accum, ckpt_every. Returns the River (the flow stage's EMA field)."""
-    ae_state = None
-    if ae and "flow" in STAGES[stage]:  # the file is read once, for the checks and the stage
+          device=None, seed=0, refine_i3d=None, **options):
+    """Train the stage(s) of cfg ("ae", "flow", "refine" or "all", see stages_of) on the HDF5
+    file `data` into the run directory; ae: train the later stages on this ae.pt/flow.pt's
+    autoencoder instead of the run's; refine_i3d: a TorchScript I3D for the refiner's
+    perceptual loss. options: cache_mb, accum, ckpt_every. Returns the River (the flow
+    stage's EMA field)."""
+    ae_state, todo = None, stages_of(stage, cfg)
+    if ae and todo != ("ae",):  # the file is read once, for the checks and the stages
         ckpt = torch_load(ae, trust)
         if "river" not in ckpt:  # a taming/CLEVRER file: official latents stay unscaled
             cfg = replace(cfg, latent_stats=False)
@@ -1670,61 +1916,21 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
     prepare_run(run, cfg, force, rank)
     model = River(cfg).to(device)
-    if "ae" in STAGES[stage] and not ae:
+    if "ae" in todo and not ae:
         train_autoencoder(model, cfg, data, run, device, ckpts["ae"], **options)
-    if "flow" in STAGES[stage]:
+    if todo != ("ae",):
         load_autoencoder(model, ae or os.path.join(run, "ae.pt"), trust, ae_state)
         model.ae.to(device)
+    if "flow" in todo:
         train_flow(model, cfg, data, run, device, ckpts["flow"], **options)
+    if "refine" in todo:
+        train_refiner(model, cfg, data, run, device, ckpts["refine"], i3d=refine_i3d, **options)
     return model
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation: FVD's Frechet distance, the field's protocols, the copy-last-frame baseline
+# Evaluation: the field's protocols, the copy-last-frame baseline and the ceiling
 # ---------------------------------------------------------------------------------------
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (FVD's distance).
-
-    tr((S1 S2)^(1/2)) = sum of sqrt of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric
-    matrix, so only symmetric eigendecompositions are needed.
-    """
-    mu1, cov1, mu2, cov2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, cov1, mu2, cov2))
-    w, v = torch.linalg.eigh(cov1)
-    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # S1^(1/2)
-    middle = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * middle)
-
-
-def gaussian_fit(features):
-    """Mean and covariance of features (clips, features)."""
-    f = features.double()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])  # (features, features)
-
-
-def i3d_features(i3d, video, chunk=16):
-    """Features (B, features) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D.
-
-    The I3D of published FVDs (StyleGAN-V's i3d_torchscript.pt, used by MCVD, ExtDM and the
-    tools derived from them) takes (B, 3, T, 224, 224) in [-1, 1] and is called with
-    rescale=False, resize=False, return_features=True; a module without those keyword
-    arguments is called with the video alone.
-    """
-    names = {a.name for a in i3d.forward.schema.arguments} if hasattr(i3d.forward, "schema") else set()
-    kwargs = ({"rescale": False, "resize": False, "return_features": True}
-              if {"rescale", "resize", "return_features"} <= names else {})
-    device = next(iter(i3d.parameters()), torch.empty(0)).device
-    features = []
-    for v in video.split(chunk):
-        x = F.interpolate(rearrange(v, "b t c h w -> (b t) c h w").to(device), size=(224, 224),
-                          mode="bilinear", align_corners=False)
-        x = rearrange(x, "(b t) c h w -> b c t h w", b=len(v)).clamp(-1, 1)  # (B, C, T, 224, 224)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
-        with torch.no_grad():
-            features.append(i3d(x, **kwargs).reshape(len(v), -1).float().cpu())  # (B, features)
-    return torch.cat(features)
-
 
 def eval_clips(data, split, context, frames, skip, videos, memory=False):
     """The first context+frames frames of the first `videos` videos long enough: (M, T, C, H, W).
@@ -1747,13 +1953,17 @@ def eval_clips(data, split, context, frames, skip, videos, memory=False):
     return clips, torch.as_tensor(np.stack([flags[i][context * skip:span:skip] for i in picks]))
 
 
-@torch.no_grad()
-def reconstruct(ae, video, device, batch=64):
-    """The autoencoder's quantized reconstruction of videos (M, T, C, H, W), on the CPU: the
-    ceiling of every prediction decoded by it."""
-    frames = rearrange(video, "m t c h w -> (m t) c h w")
-    out = torch.cat([ae.decode(ae.encode(x.to(device))).cpu() for x in frames.split(batch * 4)])
-    return rearrange(out, "(m t) c h w -> m t c h w", m=len(video))
+def predictions(model, context, frames, batch, *sampler):
+    """One sample of `frames` frames after each clip of context (M, n, C, H, W), on the CPU:
+    {"model": (M, frames, C, H, W)}, and with a refiner "refined": the same sample refined."""
+    device, out = next(model.parameters()).device, {"model": [], "refined": []}
+    for x in context.split(batch):
+        x = x.to(device)
+        pred = model.generate_frames(x, frames, *sampler)[:, x.shape[1]:]
+        out["model"].append(pred.cpu())
+        if model.refiner is not None:
+            out["refined"].append(model.refine(x[:, -1], pred).cpu())
+    return {kind: torch.cat(preds) for kind, preds in out.items() if preds}
 
 
 @torch.no_grad()
@@ -1762,45 +1972,44 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
     Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
-    best-of-N), for the copy-last-frame baseline and for the autoencoder's reconstruction of
-    the true frames (the ceiling), the NFE per frame and seconds per frame;
-    with an I3D also the FVD, over whole clips (fvd_context) or the predicted frames alone;
-    with memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
+    best-of-N; with a refiner the same samples refined too, refined_mean and refined_best),
+    for the copy-last-frame baseline and for the autoencoder's reconstruction of the true
+    frames (the ceiling), the NFE per frame and seconds per frame; with an I3D also the FVD
+    (fvd, fvd_refined), over whole clips (fvd_context) or the predicted frames alone; with
+    memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
-    steps, warm_start, solver = model.sampler(steps, warm_start, solver)
-    device = next(model.parameters()).device
+    sampler = model.sampler(steps, warm_start, solver)
     M, T = clips.shape[:2]
-    truth = clips[:, context:]  # (M, P, C, H, W): P predicted frames
-    ps, ss, fakes, tic = [], [], [], time.time()
+    truth, rows = clips[:, context:], torch.arange(M)  # (M, P, C, H, W): P predicted frames
+    scores, fakes, tic = {}, {}, time.time()
     for _ in trange(samples, desc="samples", leave=False, disable=None):
-        pred = torch.cat([model.generate_frames(x.to(device), T - context, steps, warm_start,
-                                                solver)[:, context:].cpu()
-                          for x in clips[:, :context].split(batch)])
-        ps.append(psnr(pred, truth))
-        ss.append(ssim(pred, truth))
-        if i3d is not None:
-            fakes.append(torch.cat([clips[:, :context], pred], 1) if fvd_context else pred)
+        for kind, pred in predictions(model, clips[:, :context], T - context, batch,
+                                      *sampler).items():
+            scores.setdefault(kind, []).append((psnr(pred, truth), ssim(pred, truth)))
+            fakes.setdefault(kind, []).append(torch.cat([clips[:, :context], pred], 1)
+                                              if fvd_context else pred)
     seconds = (time.time() - tic) / (samples * M * (T - context))
-    ps, ss = torch.stack(ps, 1), torch.stack(ss, 1)  # (M, S, P): S samples
-    best_p = ps[torch.arange(M), ps.mean(2).argmax(1)]  # (M, P): the best sample per video
-    best_s = ss[torch.arange(M), ss.mean(2).argmax(1)]
     last = clips[:, context - 1:context].expand_as(truth)
-    recon = reconstruct(model.ae, truth, device, batch)  # what the model could reach at best
-    curves = {"model_mean": (ps.mean(1), ss.mean(1)), "model_best": (best_p, best_s),
-              "copy_last": (psnr(last, truth), ssim(last, truth)),
+    recon = reconstruct(model.ae, truth, next(model.parameters()).device)  # the ceiling
+    curves = {"copy_last": (psnr(last, truth), ssim(last, truth)),
               "autoencoder": (psnr(recon, truth), ssim(recon, truth))}
+    for kind, pairs in scores.items():
+        ps, ss = (torch.stack(x, 1) for x in zip(*pairs))  # (M, S, P): S samples
+        curves[f"{kind}_mean"] = (ps.mean(1), ss.mean(1))  # the best sample per video:
+        curves[f"{kind}_best"] = (ps[rows, ps.mean(2).argmax(1)], ss[rows, ss.mean(2).argmax(1)])
     out = {name: {"psnr": float(p.mean()), "ssim": float(s.mean()),
                   "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
            for name, (p, s) in curves.items()}
     if memory is not None and memory.any():
         out["memory_frames"] = {name: {"psnr": float(p[memory].mean()), "ssim": float(s[memory].mean()),
                                        "frames": int(memory.sum())} for name, (p, s) in curves.items()}
-    out.update(nfe_per_frame=nfe_per_frame(steps, warm_start, solver), seconds_per_frame=seconds)
+    out.update(nfe_per_frame=nfe_per_frame(*sampler), seconds_per_frame=seconds)
     if i3d is not None:
         real = gaussian_fit(i3d_features(i3d, clips if fvd_context else truth))
-        fake = gaussian_fit(i3d_features(i3d, torch.cat(fakes)))
-        out["fvd"] = frechet_distance(*real, *fake)
+        for kind, fake in fakes.items():
+            fake = gaussian_fit(i3d_features(i3d, torch.cat(fake)))
+            out["fvd" if kind == "model" else f"fvd_{kind}"] = frechet_distance(*real, *fake)
     return out
 
 
@@ -1848,24 +2057,31 @@ def print_eval(r):
     print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
     for name, label in (("model_mean", "model (mean of samples)"),
                         ("model_best", f"model (best of {p['samples']})"),
+                        ("refined_mean", "refined (mean)"),
+                        ("refined_best", f"refined (best of {p['samples']})"),
                         ("copy_last", "copy last frame"),
                         ("autoencoder", "autoencoder (ceiling)")):
+        if name not in r:
+            continue
         memory = r.get("memory_frames", {}).get(name)
         print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}" + (
             f"   memory frames ({memory['frames']}): {memory['psnr']:.2f} {memory['ssim']:.3f}"
             if memory else ""))
     print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
           "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
-                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)"))
+                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)")
+          + (f", refined {r['fvd_refined']:.1f}" if "fvd_refined" in r else ""))
 
 
 def plot_per_frame(result, path, context):
-    """PSNR per predicted frame: model (mean and best-of-N) against copy-last-frame and the
-    autoencoder's reconstruction of the true frames."""
+    """PSNR per predicted frame: model (mean and best-of-N, refined) against copy-last-frame and
+    the autoencoder's reconstruction of the true frames."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, style in (("model_mean", "-o"), ("model_best", "--"), ("copy_last", ":s"),
-                        ("autoencoder", "-.")):
+    for name, style in (("model_mean", "-o"), ("model_best", "--"), ("refined_mean", "-^"),
+                        ("copy_last", ":s"), ("autoencoder", "-.")):
+        if name not in result:
+            continue
         curve = result[name]["psnr_per_frame"]
         ax.plot(range(context + 1, context + 1 + len(curve)), curve, style, label=name, ms=3)
     ax.set(xlabel="frame", ylabel="PSNR (dB)", title="PSNR per predicted frame")
@@ -1956,12 +2172,14 @@ def write_predictions(model, context, truth, frames, stem, **sample_args):
 
 
 def write_samples(model, data, run):
-    """run/samples.gif and .png: predictions of 4 val clips after training, to look at."""
+    """run/samples.gif and .png: predictions of 4 val clips after training, to look at
+    (refined when the model has a refiner)."""
     cfg = model.cfg
     clips = eval_clips(data, pick_split(data, "val"), cfg.context, cfg.clip_frames - cfg.context,
                        cfg.frame_skip, 4)
     write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
-                      clips.shape[1] - cfg.context, os.path.join(run, "samples"))
+                      clips.shape[1] - cfg.context, os.path.join(run, "samples"),
+                      refine=model.refiner is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1969,7 +2187,8 @@ def write_samples(model, data, run):
 # ---------------------------------------------------------------------------------------
 
 def load_river(path, device, trust=False):
-    """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode."""
+    """The model of a flow checkpoint (a run directory or its flow.pt), EMA weights, eval mode,
+    with the refiner of the refine.pt beside it when there is one."""
     if os.path.isdir(path):
         path = os.path.join(path, "flow.pt")
     ckpt = load_checkpoint(path, trust=trust)
@@ -1979,17 +2198,31 @@ def load_river(path, device, trust=False):
     model = River(config_from_dict(ckpt["config"]))
     model.ae.load_state_dict(ckpt["ae"])
     model.field.load_state_dict(ckpt["ema"] or ckpt["model"])
+    refine, model.refiner = os.path.join(os.path.dirname(path), "refine.pt"), None
+    if os.path.exists(refine):
+        refiner = load_checkpoint(refine, trust=trust)
+        if refiner.get("ae_hash") != ckpt.get("ae_hash"):
+            raise RiverError(f"{refine} was trained on another autoencoder than {path}: move it "
+                             "away and train the refiner again (train --stage refine)")
+        model.refiner = refiner_from_file(refine, refiner)
     return model.to(device).eval()
 
 
 def load_model(args, device):
     """The model that sample and eval run: --official NAME with --ckpt (and --ae), or river's
-    run directory / flow.pt (--ckpt or --run)."""
+    run directory / flow.pt (--ckpt or --run); with its refiner, or the --refiner file's."""
     if args.official:
         if not args.ckpt:
             raise RiverError(f"--official {args.official} needs --ckpt: the released model.pth")
-        return load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
-    return load_river(args.ckpt or args.run, device, args.trust_checkpoint)
+        model = load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
+    else:
+        model = load_river(args.ckpt or args.run, device, args.trust_checkpoint)
+    if args.refiner:
+        model.refiner = load_refiner(args.refiner, device, args.trust_checkpoint)
+    elif args.refine and model.refiner is None:
+        raise RiverError(f"--refine: {args.ckpt or args.run} has no refiner (refine.pt): train "
+                         "one (train --stage refine --refine-steps N) or pass --refiner FILE")
+    return model
 
 
 def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
@@ -2014,7 +2247,8 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
     plot_per_frame(result, out + "_psnr.png", context)
     print(json.dumps({k: v for k, v in result.items() if "per_frame" not in str(v)} |
                      {n: {m: result[n][m] for m in ("psnr", "ssim")}
-                      for n in ("model_mean", "model_best", "copy_last", "autoencoder")}))
+                      for n in ("model_mean", "model_best", "refined_mean", "refined_best",
+                                "copy_last", "autoencoder") if n in result}))
     print(f"wrote {out}.json and {out}_psnr.png")
     return result
 
@@ -2031,6 +2265,9 @@ def check_config(cfg):
     if cfg.conditioning not in ("random", "last", "fixed", "dense"):
         raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last, fixed "
                          "or dense")
+    if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
+        raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
+                         f"{cfg.refine_steps} and {cfg.refine_loss!r}")
     if cfg.dense_frames < 2:
         raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
     if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
@@ -2048,28 +2285,53 @@ def make_config(args):
     if args.ae_config:
         cfg = replace(cfg, **ae_config(args.ae_config))
     overrides = {"ae_batch": args.batch_size, "flow_batch": args.batch_size,
-                 "conditioning": args.conditioning, "clip_frames": args.clip_frames,
-                 "frame_skip": args.frame_skip, "warmup": args.warmup,
-                 "ae_steps": args.ae_steps, "flow_steps": args.flow_steps}
-    for stage in STAGES[args.stage]:  # --steps and --lr apply to the stages being trained
-        overrides[f"{stage}_lr"] = args.lr
-        if args.steps is not None:
-            overrides[f"{stage}_steps"] = args.steps
+                 "refine_batch": args.batch_size, "conditioning": args.conditioning,
+                 "clip_frames": args.clip_frames, "frame_skip": args.frame_skip,
+                 "warmup": args.warmup, "ae_steps": args.ae_steps, "flow_steps": args.flow_steps,
+                 "refine_steps": args.refine_steps, "refine_loss": args.refine_loss}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    for stage in training_now(args, cfg):  # --steps and --lr: the stages being trained
+        cfg = replace(cfg, **{k: v for k, v in ((f"{stage}_steps", args.steps),
+                                                (f"{stage}_lr", args.lr)) if v is not None})
     check_config(cfg)
+    if args.stage == "refine" and not cfg.refine_steps:
+        raise RiverError("--stage refine needs --refine-steps N (the preset trains no refiner)")
     return cfg
+
+
+def training_now(args, cfg):
+    """The stages that --steps and --lr apply to: those `--stage` trains, and on --resume only
+    the ones still training (a finished stage keeps its steps; when all are finished, the
+    last one, which then trains longer)."""
+    todo = [s for s in stages_of(args.stage, cfg) if not (s == "ae" and args.ae)]
+    if not args.resume:
+        return todo
+    done = {r["stage"]: r["step"] for r in RunLog(args.run).rows() if "step" in r}
+    running = [s for s in todo if done.get(s, 0) < getattr(cfg, f"{s}_steps")]
+    return running or todo[-1:]
+
+
+def load_i3d(path, device):
+    """A TorchScript I3D (for FVD and the refiner's perceptual loss), frozen, or one line."""
+    try:
+        return torch.jit.load(path, map_location=device).eval().requires_grad_(False)
+    except Exception as e:
+        raise RiverError(f"{path} is not a loadable TorchScript I3D ({type(e).__name__}): pass "
+                         "the i3d_torchscript.pt file")
 
 
 def cmd_train(args):
     cfg = make_config(args)
+    i3d = load_i3d(args.refine_i3d, pick_device(args.device)) if args.refine_i3d else None
     model = train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
-                  args.trust_checkpoint, args.device, args.seed, cache_mb=args.cache_mb,
+                  args.trust_checkpoint, args.device, args.seed, i3d, cache_mb=args.cache_mb,
                   accum=args.accum, ckpt_every=args.ckpt_every)
-    if dist_info()[0] == 0 and args.stage != "ae":
+    samples = "flow" in stages_of(args.stage, cfg)
+    if dist_info()[0] == 0 and samples:
         write_samples(model, args.data, args.run)
     if dist_info()[0] == 0:
         print(f"run directory: {args.run} (config.json, *.pt, metrics.jsonl, loss.png"
-              f"{', samples.gif' if args.stage != 'ae' else ''})")
+              f"{', samples.gif' if samples else ''})")
 
 
 def cmd_sample(args):
@@ -2096,7 +2358,8 @@ def cmd_sample(args):
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
-                      warm_start=args.warm_start, solver=args.solver, verbose=True)
+                      warm_start=args.warm_start, solver=args.solver, verbose=True,
+                      refine=args.refine or bool(args.refiner))
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -2104,12 +2367,7 @@ def cmd_eval(args):
     device = pick_device(args.device)
     model = load_model(args, device)
     settings = eval_settings(args, model.cfg)
-    i3d = None
-    if args.fvd_i3d:
-        try:
-            i3d = torch.jit.load(args.fvd_i3d, map_location=device).eval()
-        except Exception as e:
-            raise RiverError(f"--fvd-i3d {args.fvd_i3d} is not a loadable TorchScript I3D ({e})")
+    i3d = load_i3d(args.fvd_i3d, device) if args.fvd_i3d else None
     own_run = os.path.isdir(args.run) and not args.official
     out = args.out or os.path.join(args.run if own_run else ".", "eval")
     return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
@@ -2183,8 +2441,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other user error of river."""
 
     def error(self, message):
-        print(f"error: {message} (see python river.py {self.prog.split()[-1]} --help)",
-              file=sys.stderr)
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -2209,9 +2466,15 @@ def add_train_options(t):
     t.add_argument("--ae-config", choices=tuple(AE_CONFIGS),
                    help="the architecture of an --ae file that is not river's (default: the "
                         "preset's)")
-    t.add_argument("--steps", type=positive, help="optimizer steps of the stage(s) trained")
+    t.add_argument("--steps", type=positive, help="optimizer steps of the stage(s) trained "
+                   "(on --resume: of the stage still training)")
     t.add_argument("--ae-steps", type=positive)
     t.add_argument("--flow-steps", type=positive)
+    t.add_argument("--refine-steps", type=int, help="optimizer steps of the refiner (stage 3; "
+                   "0: none); `--stage all` trains it when this is above 0")
+    t.add_argument("--refine-loss", choices=("mse", "l1"), help="the refiner's pixel loss")
+    t.add_argument("--refine-i3d", help="TorchScript I3D: adds 0.1 x a perceptual loss on I3D "
+                   "features to the refiner's (as FVD calls it)")
     t.add_argument("--batch-size", type=positive, help="clips (flow) or frames (ae) per step "
                    "and rank")
     t.add_argument("--lr", type=float, help="peak learning rate of the stage(s) trained")
@@ -2247,6 +2510,10 @@ def add_sampling_options(q):
                         "rule, the default of --official models)")
     q.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run), or with --official "
                    "the released model.pth")
+    q.add_argument("--refine", action="store_true",
+                   help="refine every predicted frame with the run's refiner (refine.pt)")
+    q.add_argument("--refiner", help="refine with this file instead: river's refine.pt or the "
+                   "official refinement checkpoint")
     q.add_argument("--official", choices=tuple(OFFICIAL),
                    help="run a released RIVER model: its configuration name")
     q.add_argument("--ae", help="with --official: the autoencoder from its own file "
