@@ -1336,12 +1336,52 @@ def load_autoencoder_file(path, ae, trust=False, ckpt=None):
     return ae.eval()
 
 
-def load_official(path, name, device="cpu", ae_path=None, trust=False, **fields):
+# The released models on the Hugging Face Hub (the official README's links). Each repository holds
+# model.pth, which carries the autoencoder too, and the autoencoder's own file: vqvae.ckpt
+# (taming) or vqvae.pth (clevrer).
+OFFICIAL_HUB = {"bair64": "cvg-unibe/river_bair_64", "kth": "cvg-unibe/river_kth_64",
+                "bair256": "cvg-unibe/river_bair_256", "clevrer": "cvg-unibe/river_clevrer_128"}
+
+
+def fetch_official(name, filename="model.pth"):
+    """The local path of `filename` of the released model `name` (a key of OFFICIAL_HUB), from
+    the Hugging Face Hub's own cache; downloaded into it first (with a progress bar) when it is
+    not there. The Hub's settings apply: HF_HOME or HF_HUB_CACHE (where), HF_HUB_OFFLINE=1 (the
+    cache only). Needs huggingface_hub, the `hub` extra."""
+    if name not in OFFICIAL_HUB:
+        raise RiverError(f"{name!r} is no released RIVER model: use one of "
+                         f"{', '.join(OFFICIAL_HUB)}, or pass a file with its configuration name")
+    repo = OFFICIAL_HUB[name]
+    by_hand = f"or download {filename} from https://huggingface.co/{repo} and pass it (--ckpt)"
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise RiverError(f"fetching the {name} model by name needs huggingface_hub: "
+                         f'pip install -e ".[hub]", {by_hand}') from None
+    try:
+        return hf_hub_download(repo, filename)
+    except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
+        offline = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
+        raise RiverError(f"{repo}/{filename} is not in the Hugging Face cache "
+                         f"{constants.HF_HUB_CACHE} and the Hub cannot be reached{offline}: "
+                         f"fetch it once online, {by_hand}") from e
+    except HfHubHTTPError as e:  # no such repository or file, or another refusal
+        reason = str(e).split("\n")[0]
+        raise RiverError(f"{repo}/{filename}: {type(e).__name__}: {reason}; {by_hand}") from e
+
+
+def load_official(source, name=None, device="cpu", ae_path=None, trust=False, **fields):
     """A River in eval mode, configured as official_config(name) with `fields` on top (the test
     fixtures' smaller widths), from a released model.pth ("model" with module.ae.*, for clevrer
-    module.ae.backbone.*, and module.vector_field_regressor.*); ae_path: the autoencoder from
-    its own file instead (load_autoencoder_file). trust: allow unpickling objects."""
+    module.ae.backbone.*, and module.vector_field_regressor.*): load_official("bair64") fetches
+    it by name (fetch_official), load_official(path, "bair64") reads a file. ae_path: the
+    autoencoder from its own file instead (load_autoencoder_file). trust: allow unpickling
+    objects."""
+    if name is None:  # by name: the source is the configuration's name
+        name, source = source, None
     cfg = replace(official_config(name), **fields)
+    path = source or fetch_official(name)
     state = torch_load(path, trust).get("model")
     if not isinstance(state, dict):
         raise RiverError(f"{path} has no 'model' state dict: not a RIVER model.pth")
@@ -2209,12 +2249,12 @@ def load_river(path, device, trust=False):
 
 
 def load_model(args, device):
-    """The model that sample and eval run: --official NAME with --ckpt (and --ae), or river's
-    run directory / flow.pt (--ckpt or --run); with its refiner, or the --refiner file's."""
+    """The model that sample and eval run: --official NAME, its model.pth from --ckpt or else
+    from the Hugging Face Hub (and --ae), or river's run directory / flow.pt (--ckpt or --run);
+    with its refiner, or the --refiner file's."""
     if args.official:
-        if not args.ckpt:
-            raise RiverError(f"--official {args.official} needs --ckpt: the released model.pth")
-        model = load_official(args.ckpt, args.official, device, args.ae, args.trust_checkpoint)
+        path = args.ckpt or fetch_official(args.official)
+        model = load_official(path, args.official, device, args.ae, args.trust_checkpoint)
     else:
         model = load_river(args.ckpt or args.run, device, args.trust_checkpoint)
     if args.refiner:
@@ -2509,13 +2549,15 @@ def add_sampling_options(q):
                    help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
                         "rule, the default of --official models)")
     q.add_argument("--ckpt", help="a flow.pt checkpoint (instead of --run), or with --official "
-                   "the released model.pth")
+                   "the released model.pth (default: fetched by name from the Hugging Face Hub)")
     q.add_argument("--refine", action="store_true",
                    help="refine every predicted frame with the run's refiner (refine.pt)")
     q.add_argument("--refiner", help="refine with this file instead: river's refine.pt or the "
                    "official refinement checkpoint")
     q.add_argument("--official", choices=tuple(OFFICIAL),
-                   help="run a released RIVER model: its configuration name")
+                   help="run a released RIVER model: its configuration name; its model.pth comes "
+                        "from --ckpt, or else from the Hugging Face Hub (cvg-unibe/river_*, "
+                        "cached; needs the hub extra)")
     q.add_argument("--ae", help="with --official: the autoencoder from its own file "
                    "(vqvae.ckpt / vqvae.pth) instead of model.pth's copy")
 

@@ -65,6 +65,6 @@ setup(
     py_modules=["river", "data_prep"],
     install_requires=["torch>=2.4", "ninja", "h5py", "numpy", "einops", "matplotlib", "tqdm",
                       "pillow"],
-    extras_require={"test": ["pytest"], "video": ["av"]},
+    extras_require={"test": ["pytest"], "video": ["av"], "hub": ["huggingface_hub"]},
     **extension_kwargs(),
 )

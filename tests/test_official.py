@@ -1,6 +1,7 @@
-"""The official RIVER files in river's classes: the two fixture models of shared/official_fixtures
-(made by the official code, with its reference outputs), the official key listings of
-shared/official_keys, and one-line errors for files that do not fit."""
+"""The official RIVER files in river's classes: the two fixture models of
+tests/fixtures/official (made by the official code, with its reference outputs; its README says
+how), the official key listings of tests/fixtures/official/keys, and one-line errors for files
+that do not fit."""
 import argparse
 import os
 
@@ -9,14 +10,11 @@ import torch
 
 import river
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
-FIXTURES = os.path.join(SHARED, "official_fixtures")
-KEYS = os.path.join(SHARED, "official_keys")
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no official fixtures at "
-                                f"{FIXTURES} (shared/ beside the clone)")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "official")
+KEYS = os.path.join(FIXTURES, "keys")
 
 # fixture -> the official configuration it is a small version of, its autoencoder file, and
-# the Config fields where it differs (shared/official_fixtures/README.md)
+# the Config fields where it differs (fixtures/official/README.md)
 UVIT = dict(uvit_width=32, uvit_depth=2, uvit_mid_depth=1)
 CASES = {"tiny-taming": ("bair64", "vqvae.ckpt", dict(image_size=64, ae_channels=(32, 64, 64, 32),
                                                       ae_blocks=1, codebook_size=64, **UVIT)),
@@ -29,21 +27,68 @@ def path(fixture, name):
     return os.path.join(FIXTURES, fixture, name)
 
 
+def reference(fixture):
+    """The official code's outputs for the fixture (tensors only: safe to load)."""
+    return torch.load(path(fixture, "reference.pt"), weights_only=True)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     """(fixture name, River loaded from its model.pth, reference outputs of the official code)."""
     name = request.param
     official, _, sizes = CASES[name]
     model = river.load_official(path(name, "model.pth"), official, **sizes)
-    return name, model, torch.load(path(name, "reference.pt"), weights_only=False)
+    return name, model, reference(name)
+
+
+def listing(tsv):
+    """[(key, shape, dtype)] of a key listing (key, [shape], dtype per line)."""
+    with open(tsv) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    return [(k, tuple(int(n) for n in s.strip("[]").split(",") if n), getattr(torch, d))
+            for k, s, d in rows]
 
 
 def read_keys(tsv):
-    """{key: shape} of a key listing (key, [shape], dtype per line); the loss.* keys left out."""
-    with open(tsv) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f]
-    return {k: tuple(int(n) for n in s.strip("[]").split(",") if n) for k, s, _ in rows
-            if not k.startswith("loss.")}
+    """{key: shape} of a key listing; the loss.* keys left out."""
+    return {k: shape for k, shape, _ in listing(tsv) if not k.startswith("loss.")}
+
+
+def autoencoder_checkpoint(fixture):
+    """The fixture's autoencoder file as the official code saved it, rebuilt from model.pth,
+    which holds the same tensors (the repository carries them once: fixtures/official/README.md).
+    Keys, their order, shapes and dtypes are those of the official file's listing,
+    keys_autoencoder.tsv; taming's loss.* tensors (the discriminator and LPIPS of a training
+    checkpoint, which loaders skip) are zeros."""
+    model = torch.load(path(fixture, "model.pth"), weights_only=True)["model"]
+    taming = CASES[fixture][1] == "vqvae.ckpt"
+    state = {}
+    for key, shape, dtype in listing(path(fixture, "keys_autoencoder.tsv")):
+        if key.startswith("loss."):
+            state[key] = torch.zeros(shape, dtype=dtype)
+            continue
+        # taming: encoder.* is module.ae.encoder.*; CLEVRER: module.encoder.* is
+        # module.ae.backbone.encoder.*
+        state[key] = model["module.ae." + key if taming else
+                           "module.ae.backbone." + key[len("module."):]]
+        assert (tuple(state[key].shape), state[key].dtype) == (shape, dtype), key
+    if taming:  # Lightning's layout
+        return {"epoch": 0, "global_step": 0, "state_dict": state}
+    return {"model": state, "global_step": 0}
+
+
+@pytest.fixture(scope="session")
+def ae_path(tmp_path_factory):
+    """fixture name -> the path of its autoencoder file (autoencoder_checkpoint), written once."""
+    folder = tmp_path_factory.mktemp("official_autoencoders")
+
+    def write(fixture):
+        out = folder / fixture / CASES[fixture][1]
+        if not out.exists():
+            out.parent.mkdir()
+            torch.save(autoencoder_checkpoint(fixture), out)
+        return str(out)
+    return write
 
 
 def shapes(module, prefix="", rename=("", "")):
@@ -105,30 +150,29 @@ def test_generate_frames_matches_the_official_sampler(case):
     torch.testing.assert_close(out, ref["gen_output"].clamp(-1, 1), atol=3e-3, rtol=0)
 
 
-def test_autoencoder_files_load_on_their_own(case):
+def test_autoencoder_files_load_on_their_own(case, ae_path):
     name, model, ref = case
-    official, ae_file, sizes = CASES[name]
+    official, _, sizes = CASES[name]
     ae = river.AUTOENCODERS[model.cfg.ae_kind](model.cfg).train()
-    ae = river.load_autoencoder_file(path(name, ae_file), ae)  # taming's: with loss.* keys
+    ae = river.load_autoencoder_file(ae_path(name), ae)  # taming's: with loss.* keys
     assert not ae.training
     torch.testing.assert_close(ae.encode(ref["ae_frames"]), ref["ae_encode"], atol=1e-4, rtol=0)
-    both = river.load_official(path(name, "model.pth"), official, ae_path=path(name, ae_file),
+    both = river.load_official(path(name, "model.pth"), official, ae_path=ae_path(name),
                                **sizes)
     for a, b in zip(both.ae.state_dict().values(), model.ae.state_dict().values()):
-        assert torch.equal(a, b)  # the same tensors as the autoencoder inside model.pth
+        assert torch.equal(a, b)  # the file's tensors land where model.pth's copy does
 
 
 def test_river_autoencoder_has_the_taming_keys():
-    taming = torch.load(path("tiny-taming", "vqvae.ckpt"), weights_only=True)["state_dict"]
+    taming = {key for key, _, _ in listing(path("tiny-taming", "keys_autoencoder.tsv"))}
     cfg = river.Config(ae_channels=(32, 64, 64, 32), ae_attention=(2,), codebook_size=64)
     keys = set(river.VQAutoencoder(cfg).state_dict())
-    assert keys - set(taming) == {"mean", "std", "quantize.usage", "quantize.calls"}
-    assert {k for k in set(taming) - keys if not k.startswith("loss.")} == set()
+    assert keys - taming == {"mean", "std", "quantize.usage", "quantize.calls"}
+    assert {k for k in taming - keys if not k.startswith("loss.")} == set()
 
 
 # ----------------------------------------------------------------------------- full size
 
-@pytest.mark.skipif(not os.path.isdir(KEYS), reason=f"no official key listings at {KEYS}")
 @pytest.mark.parametrize("name", ["bair64", "bair256", "clevrer"])
 def test_official_configs_build_exactly_the_official_tensors(name):
     with torch.device("meta"):  # shapes only: no memory for the 160M numbers
@@ -203,7 +247,7 @@ def test_an_unknown_name():
 
 
 def test_pickled_objects_need_trust(tmp_path):
-    ckpt = torch.load(path("tiny-taming", "vqvae.ckpt"), weights_only=True)
+    ckpt = autoencoder_checkpoint("tiny-taming")
     ckpt["hyper_parameters"] = argparse.Namespace(embed_dim=4)  # as some Lightning files have
     torch.save(ckpt, tmp_path / "vqvae.ckpt")
     ae = river.VQAutoencoder(river.Config(ae_channels=(32, 64, 64, 32), ae_attention=(2,),
@@ -216,10 +260,10 @@ def test_pickled_objects_need_trust(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def test_sample_and_eval_run_a_released_model(tmp_path, monkeypatch):
+def test_sample_and_eval_run_a_released_model(tmp_path, monkeypatch, ae_path):
     """`sample --official NAME --ckpt model.pth` and `eval` with it; the fixture's small widths
     stand in for the official ones (a real model.pth needs no such patch)."""
-    name, (official, ae_file, sizes) = "tiny-taming", CASES["tiny-taming"]
+    name, (official, _, sizes) = "tiny-taming", CASES["tiny-taming"]
     real = river.official_config
     monkeypatch.setattr(river, "official_config", lambda n: river.replace(real(n), **sizes))
     clip = (torch.rand(4, 64, 64, 3) * 255).to(torch.uint8).numpy()
@@ -232,7 +276,7 @@ def test_sample_and_eval_run_a_released_model(tmp_path, monkeypatch):
     import data_prep
     data = str(tmp_path / "d.h5")
     data_prep.main(["synthetic", "--out", data, "--videos", "30", "--frames", "8", "--size", "64"])
-    river.main(["eval", *model, "--ae", path(name, ae_file), "--data", data, "--frames", "2",
+    river.main(["eval", *model, "--ae", ae_path(name), "--data", data, "--frames", "2",
                 "--videos", "2", "--out", str(tmp_path / "ev")])
     import json
     result = json.loads((tmp_path / "ev.json").read_text())
@@ -246,7 +290,7 @@ def test_train_a_flow_on_a_taming_autoencoder(tmp_path, monkeypatch):
     import json
     data = str(tmp_path / "d.h5")
     data_prep.main(["synthetic", "--out", data, "--videos", "30", "--frames", "8", "--size", "64"])
-    ckpt = torch.load(path("tiny-taming", "vqvae.ckpt"), weights_only=True)
+    ckpt = autoencoder_checkpoint("tiny-taming")
     ckpt["hyper_parameters"] = argparse.Namespace(embed_dim=4)  # as Lightning files carry
     torch.save(ckpt, tmp_path / "lightning.ckpt")
     cfg = river.replace(river.PRESETS["tiny"], **{k: v for k, v in CASES["tiny-taming"][2].items()
@@ -264,7 +308,7 @@ def test_train_a_flow_on_a_taming_autoencoder(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(open(os.path.join(run, "config.json")).read())["latent_stats"] is False
     assert float(model.ae.std.min()) == float(model.ae.std.max()) == 1.0  # unscaled latents
-    ref = torch.load(path("tiny-taming", "reference.pt"), weights_only=False)
+    ref = reference("tiny-taming")
     torch.testing.assert_close(model.ae.encode(ref["ae_frames"]), ref["ae_encode"], atol=1e-4,
                                rtol=0)
     del ckpt["hyper_parameters"]
