@@ -379,7 +379,7 @@ class VectorQuantizer(nn.Module):
         q = flat + (q - flat).detach()  # straight-through: forward q, backward identity
         counts = torch.bincount(idx, minlength=len(codebook)).float()
         if self.training:
-            self.restart_dead_codes(flat.detach(), counts)
+            self.restart_dead_codes(flat.detach().float(), counts)
         p = counts / counts.sum()
         # perplexity = exp(-sum_k p_k log p_k): K when every code is used equally, 1 for one code
         stats = {"perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),
@@ -964,6 +964,13 @@ def pick_device(name=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast(device, precision=None):
+    """bf16 autocast for precision="bf16", none for "fp32"; by default bf16 on CUDA and fp32
+    on the CPU, where a user gets the reference numerics unless they ask (README: bf16)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def lr_factor(step, warmup, total):
     """Linear warm-up, then polynomial decay with power 0.5 to zero at `total` (paper)."""
     # lr(step) = lr * (step + 1) / warmup during warm-up, then
@@ -1500,16 +1507,16 @@ def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
     return ckpt["step"], ckpt.get("bad_steps", 0)
 
 
-def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip):
+def train_step(net, model, opt, loss_fn, batches, accum, device, grad_clip, precision=None):
     """One optimizer step (skipped when the gradient is not finite): the mean loss over
     `accum` batches, their stats (tensors; read only when a row is logged) and the
-    gradient norm before clipping."""
+    gradient norm before clipping. precision: see autocast."""
     model.train()
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(accum):
         batch = next(batches).to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             loss, stats = loss_fn(net, batch)
         (loss / accum).backward()
         total = total + loss.detach() / accum
@@ -1539,7 +1546,7 @@ def show_progress(bar, row, steps, log_every, rank):
 
 def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckpt=None,
                 ema_decay=0.0, accum=1, evaluate=None, extra=None, log_every=25,
-                ckpt_every=250):
+                ckpt_every=250, precision=None):
     """Train `model` for `steps` optimizer steps of loss_fn(model, batch) -> (loss, stats).
 
     Saves run/<stage>.pt (model, EMA, optimizer, scheduler, step, RNG states) every
@@ -1571,7 +1578,7 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
     with sigint_flag() as interrupted, bar:
         for step in bar:
             loss, stats, grad_norm = train_step(net, model, opt, loss_fn, batches, accum, device,
-                                                cfg.grad_clip)
+                                                cfg.grad_clip, precision)
             if torch.isfinite(grad_norm):
                 sched.step()
                 if ema is not None:
@@ -1942,7 +1949,7 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     """Train the stage(s) of cfg ("ae", "flow", "refine" or "all", see stages_of) on the HDF5
     file `data` into the run directory; ae: train the later stages on this ae.pt/flow.pt's
     autoencoder instead of the run's; refine_i3d: a TorchScript I3D for the refiner's
-    perceptual loss. options: cache_mb, accum, ckpt_every. Returns the River (the flow
+    perceptual loss. options: cache_mb, accum, ckpt_every, precision. Returns the River (the flow
     stage's EMA field)."""
     ae_state, todo = None, stages_of(stage, cfg)
     if ae and todo != ("ae",):  # the file is read once, for the checks and the stages
@@ -2365,7 +2372,7 @@ def cmd_train(args):
     i3d = load_i3d(args.refine_i3d, pick_device(args.device)) if args.refine_i3d else None
     model = train(args.data, args.run, cfg, args.stage, args.ae, args.resume, args.force,
                   args.trust_checkpoint, args.device, args.seed, i3d, cache_mb=args.cache_mb,
-                  accum=args.accum, ckpt_every=args.ckpt_every)
+                  accum=args.accum, ckpt_every=args.ckpt_every, precision=args.precision)
     samples = "flow" in stages_of(args.stage, cfg)
     if dist_info()[0] == 0 and samples:
         write_samples(model, args.data, args.run)
@@ -2397,9 +2404,10 @@ def cmd_sample(args):
         truth = clips[:, context:]
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
-                      warm_start=args.warm_start, solver=args.solver, verbose=True,
-                      refine=args.refine or bool(args.refiner))
+    with autocast(device, args.precision):
+        write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
+                          warm_start=args.warm_start, solver=args.solver, verbose=True,
+                          refine=args.refine or bool(args.refiner))
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -2410,8 +2418,9 @@ def cmd_eval(args):
     i3d = load_i3d(args.fvd_i3d, device) if args.fvd_i3d else None
     own_run = os.path.isdir(args.run) and not args.official
     out = args.out or os.path.join(args.run if own_run else ".", "eval")
-    return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
-                    args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
+    with autocast(device, args.precision):
+        return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
+                        args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
 
 
 def cmd_demo(args):
@@ -2425,17 +2434,19 @@ def cmd_demo(args):
         os.makedirs(os.path.dirname(os.path.abspath(data)), exist_ok=True)
         data_prep.write_synthetic(data, seed=args.seed)
     cfg = PRESETS["tiny"]
-    model = train(data, run, cfg, resume=True, device=args.device, seed=args.seed).eval()
-    write_samples(model, data, run)
+    model = train(data, run, cfg, resume=True, device=args.device, seed=args.seed,
+                  precision=args.precision).eval()
     context, frames = sampling_lengths(cfg)
     settings = dict(context=context, frames=frames, videos=0, samples=1, report="mean",
                     fvd_context=True)
     split = pick_split(data, "test")
-    result = run_eval(model, data, split, os.path.join(run, "eval"), settings, seed=args.seed)
-    torch.manual_seed(args.seed)
-    clips = eval_clips(data, split, context, frames, cfg.frame_skip, 6)
-    write_predictions(model, clips[:, :context], clips[:, context:], frames,
-                      os.path.join(run, "test_predictions"))
+    with autocast(next(model.parameters()).device, args.precision):
+        write_samples(model, data, run)
+        result = run_eval(model, data, split, os.path.join(run, "eval"), settings, seed=args.seed)
+        torch.manual_seed(args.seed)
+        clips = eval_clips(data, split, context, frames, cfg.frame_skip, 6)
+        write_predictions(model, clips[:, :context], clips[:, context:], frames,
+                          os.path.join(run, "test_predictions"), refine=model.refiner is not None)
     gain = result["model_mean"]["psnr"] - result["copy_last"]["psnr"]
     print(f"\ndemo done: the model is {gain:+.2f} dB PSNR over copying the last frame.\nLook at:")
     for name, what in (("test_predictions.gif", "test videos: ground truth left, prediction right"),
@@ -2488,6 +2499,9 @@ class Parser(argparse.ArgumentParser):
 def add_common_options(q):
     q.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: bfloat16 autocast, "
+                   "faster on CPUs with AMX or AVX-512 BF16 and on GPUs (default: bf16 on CUDA, "
+                   "fp32 on the CPU)")
     q.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that hold pickled Python objects (they can run code "
                         "when loaded): only for files from a source you trust")
