@@ -5,10 +5,11 @@ Implements "Efficient Video Prediction via Sparsely Conditioned Flow Matching"
 latents; a U-Net vector field, conditioned on the previous latent and ONE random
 older latent, is trained with flow matching to generate the next latent; sampling
 integrates the ODE with Euler steps, drawing a new random past frame at every step,
-optionally warm-started from the previous frame. The official code's parts run here too:
-taming VQGAN autoencoders, the U-ViT field, its rk4 sampler and its released checkpoints.
+optionally warm-started from the previous frame; an optional refiner sharpens each decoded
+frame given the one before it. The official code's parts run here too: taming VQGAN
+autoencoders, the U-ViT field, its rk4 sampler, its refiner and its released checkpoints.
 
-Left out on purpose: the refinement network and VQGAN perceptual/adversarial losses.
+Left out on purpose: VQGAN's perceptual and adversarial losses.
 
 Glossary of letters used in shape comments (each has one meaning):
     B batch, T frames in a clip, n context frames, L latents in a sampling history,
@@ -63,7 +64,8 @@ class Config:
     ae_kind: str = "vqgan"       # vqgan: taming's VQGAN layout | clevrer: the CLEVRER VQVAE
     ae_channels: tuple = (16, 32, 64)  # encoder width per level (taming: ch * ch_mult); the
                                        # resolution halves from one level to the next
-    ae_decoder_channels: tuple = ()    # decoder width per level; () = ae_channels
+    ae_decoder_channels: tuple = ()    # clevrer: decoder widths when they differ (its
+                                       # constructor takes both); () = ae_channels
     ae_blocks: int = 1           # vqgan: ResNet blocks per encoder level (the decoder has one more)
     ae_attention: tuple = ()     # vqgan: levels (0: full resolution) attending after each block
     latent_dim: int = 4          # D
@@ -85,8 +87,8 @@ class Config:
     uvit_head: str = "ln"         # normalisation of the output head: ln | bn (bair256)
     # flow matching
     sigma_min: float = 1e-7
-    conditioning: str = "random"  # random (paper) | last | fixed | dense: which past conditions
-    dense_frames: int = 4         # dense: the field sees the last K frames at once (an ablation)
+    conditioning: str = "random"  # which past frames condition the field: CONDITIONING below
+    dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
     flow_batch: int = 64
     flow_lr: float = 2e-3
@@ -112,6 +114,36 @@ class Config:
 
 class RiverError(Exception):
     """A problem with the user's input; main() prints it as one line, without a traceback."""
+
+
+# Config.conditioning: the paper's sparse conditioning and three ablations
+CONDITIONING = {"random": "one random older frame, drawn anew at every evaluation (the paper)",
+                "last": "the reference again: no older frame",
+                "fixed": "always the frame just before the reference",
+                "dense": "the dense_frames - 1 frames before the reference at once, on channels"}
+
+
+def check_config(cfg):
+    """One-line errors for a config that cannot be built or trained; River checks every config
+    it is built with, from the command line or from Python."""
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
+        if getattr(cfg, key) < 1:
+            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.frame_skip < 1:
+        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
+    if cfg.clip_frames < 3:
+        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
+                         f"got {cfg.clip_frames}")
+    if cfg.conditioning not in CONDITIONING:
+        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use one of "
+                         f"{', '.join(CONDITIONING)}")
+    if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
+        raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
+                         f"{cfg.refine_steps} and {cfg.refine_loss!r}")
+    if cfg.dense_frames < 2:
+        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
+    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
+        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,9 +266,9 @@ class ResBlock(nn.Module):
     def forward(self, x, emb=None):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h)
-        if self.emb is not None:
+        if self.emb is not None:  # h <- h (1 + scale(emb)) + shift(emb), per channel (FiLM):
             scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, 1)  # (B, ch, 1, 1)
-            h = h * (1 + scale) + shift
+            h = h * (1 + scale) + shift  # 1 + scale: a block with emb near 0 is unmodulated
         return self.nin_shortcut(x) + self.conv2(F.silu(h))
 
 
@@ -251,10 +283,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         y = self.norm(x)
-        q, k, v = (rearrange(conv(y), "b (n c) h w -> b n (h w) c", n=self.heads)
+        q, k, v = (rearrange(conv(y), "b (heads c) h w -> b heads (h w) c", heads=self.heads)
                    for conv in (self.q, self.k, self.v))  # 3 x (B, heads, h*w, ch/heads)
         y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(rearrange(y, "b n (h w) c -> b (n c) h w", h=x.shape[2]))
+        return x + self.proj_out(rearrange(y, "b heads (h w) c -> b (heads c) h w", h=x.shape[2]))
 
 
 class Resample(nn.Module):
@@ -330,7 +362,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        ch = cfg.ae_decoder_channels or cfg.ae_channels
+        ch = cfg.ae_channels
         self.conv_in = nn.Conv2d(cfg.latent_dim, ch[-1], 3, padding=1)
         self.mid = Middle(ch[-1])
         self.up = nn.ModuleList()
@@ -374,7 +406,8 @@ class VectorQuantizer(nn.Module):
         flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
         idx, _ = vq_nearest(flat.detach().float().contiguous(), codebook.detach().float())
         q = codebook[idx]  # (N, D)
-        # codebook loss pulls codes to the encoder; commitment loss pulls the encoder to codes
+        # loss = ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (sg: no gradient): the codebook term
+        # pulls codes to the encoder, the commitment term the encoder to its codes
         loss = F.mse_loss(q, flat.detach()) + self.commitment * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through: forward q, backward identity
         counts = torch.bincount(idx, minlength=len(codebook)).float()
@@ -394,7 +427,9 @@ class VectorQuantizer(nn.Module):
             dist.all_reduce(counts)
         self.usage += counts
         self.calls += 1
-        if (self.calls - 1) % self.restart_every:  # the first call initialises every code
+        # the first call restarts every code the first batch left unused (all but a few of the
+        # random init): the codebook starts on the encoder's outputs, where it is needed
+        if (self.calls - 1) % self.restart_every:
             return
         dead = self.usage == 0
         if dead.any():
@@ -503,7 +538,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], E), nn.SiLU(), nn.Linear(E, E))
         self.dist_mlp = nn.Sequential(nn.Linear(1, E), nn.SiLU(), nn.Linear(E, E))
         cond = cfg.dense_frames - 1 if cfg.conditioning == "dense" else 1  # conditioning latents
-        self.stem = nn.Conv2d((2 + cond) * D, ch[0], 3, padding=1)
+        self.stem = nn.Conv2d((2 + cond) * D, ch[0], 3, padding=1)  # [x_t, z_ref, z_cond]
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips, c = [ch[0]], ch[0]
         for i, width in enumerate(ch):
@@ -529,9 +564,11 @@ class UNet(nn.Module):
 
     def forward(self, x, t, ref, cond, d):
         """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
+        # t in [0, 1] is scaled as diffusion's step index (0..1000): the sinusoid's frequencies
+        # then tell apart times that differ by 1e-3; d spans 1..T, so its log enters the MLP
         emb = self.time_mlp(sinusoidal(1000 * t, self.stem.out_channels))
         emb = emb + self.dist_mlp(torch.log(d.float())[:, None])  # (B, E)
-        h = self.stem(torch.cat([x, ref, cond], 1))  # (B, (2 + 1 or K-1) D, h, w) -> (B, ch0, h, w)
+        h = self.stem(torch.cat([x, ref, cond], 1))  # (B, (2 + cond) D, h, w) -> (B, ch0, h, w)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -553,25 +590,27 @@ FIELDS = {"unet": UNet}  # by Config.field; the official "uvit" is added after t
 # ---------------------------------------------------------------------------------------
 
 def training_indices(B, T, mode="random", device="cpu"):
-    """Target tau ~ U{2, ..., T-1}, reference tau-1 and the conditioning frame c with its
-    distance d = (tau-1) - c. random (the paper): c ~ U{0, ..., tau-2}; last: c = tau-1
-    (no older frame: an ablation); fixed and dense: c = tau-2 (always the frame before the
-    reference; dense adds older ones, see dense_conditioning)."""
+    """Target tau ~ U{2, ..., T-1} (a target needs its reference tau-1 and one older frame),
+    reference tau-1 and the conditioning frame c with its distance d = (tau-1) - c, by the
+    CONDITIONING mode: random c ~ U{0, ..., tau-2}; last c = tau-1; fixed and dense c = tau-2."""
     tau = torch.randint(2, T, (B,), device=device)
     ref = tau - 1
     if mode == "random":
         c = (torch.rand(B, device=device) * ref).long().minimum(ref - 1)  # rand * n can round to n
     else:
         c = ref if mode == "last" else ref - 1
-    return tau, ref, c, (ref - c).clamp(min=1)
+    return tau, ref, c, (ref - c).clamp(min=1)  # last: d = 0 -> 1, as log d needs d >= 1
 
 
-def dense_conditioning(latents, ref, K):
-    """The dense ablation's conditioning: the K-1 latents before the reference, newest first,
-    on channels. latents (B, T, D, h, w), ref (B,) -> (B, (K-1) D, h, w); a clip that starts
-    too late repeats its first frame."""
+def conditioning_latents(latents, ref, c, cfg):
+    """What conditions the field besides the reference, from latents (B, T, D, h, w): frame c,
+    (B, D, h, w); for the dense ablation the dense_frames - 1 frames before ref, newest first,
+    on channels, (B, (dense_frames - 1) D, h, w) (a clip that starts too late repeats its
+    first frame). Training and sampling both call it."""
     rows = torch.arange(len(latents), device=latents.device)
-    return torch.cat([latents[rows, (ref - k).clamp(min=0)] for k in range(1, K)], 1)
+    if cfg.conditioning != "dense":
+        return latents[rows, c]
+    return torch.cat([latents[rows, (ref - k).clamp(min=0)] for k in range(1, cfg.dense_frames)], 1)
 
 
 def interpolate(eps, z, t, sigma_min):
@@ -590,9 +629,8 @@ def flow_loss(field, latents, cfg):
     B, T = latents.shape[:2]
     tau, ref, c, d = training_indices(B, T, cfg.conditioning, latents.device)
     rows = torch.arange(B, device=latents.device)
-    z, z_ref, z_cond = latents[rows, tau], latents[rows, ref], latents[rows, c]  # (B, D, h, w)
-    if cfg.conditioning == "dense":
-        z_cond = dense_conditioning(latents, ref, cfg.dense_frames)  # (B, (K-1) D, h, w)
+    z, z_ref = latents[rows, tau], latents[rows, ref]  # (B, D, h, w)
+    z_cond = conditioning_latents(latents, ref, c, cfg)
     t = torch.rand(B, device=latents.device)
     eps = torch.randn_like(z)
     x_t = interpolate(eps, z, t, cfg.sigma_min)
@@ -631,7 +669,9 @@ def midpoint_slope(field, x, t, dt):
 
 
 def rk4_slope(field, x, t, dt):
-    """The 3/8 rule (torchdiffeq's `rk4`, the official sampler's solver)."""
+    """The 3/8 rule (torchdiffeq's `rk4`, the official sampler's solver):
+    k1 = f(x, t), k2 = f(x + dt k1/3, t + dt/3), k3 = f(x + dt (k2 - k1/3), t + 2dt/3),
+    k4 = f(x + dt (k1 - k2 + k3), t + dt), slope = (k1 + 3 k2 + 3 k3 + k4) / 8."""
     k1 = field(x, t)
     k2 = field(x + dt * k1 / 3, t + dt / 3)
     k3 = field(x + dt * (k2 - k1 / 3), t + dt * 2 / 3)
@@ -669,9 +709,8 @@ def integrate(field, x, grid, solver="euler"):
 def past_frame(L, B, mode="random", past_horizon=-1):
     """The conditioning frame of one field evaluation when sampling, with L latents in the
     history (the reference is L-1). random: c ~ U{max(0, L-1-H), ..., L-2} for a horizon H
-    (all of the past when H < 1), drawn by torch.randint on the CPU generator as the
-    official sampler draws it, so a seed means the same thing in both; a history of one
-    latent is its own past. Returns (c, d) on the CPU, d = max((L-1) - c, 1)."""
+    (all of the past when H < 1); a history of one latent is its own past. Returns (c, d) on
+    the CPU, d = max((L-1) - c, 1)."""
     ref = L - 1
     if mode == "random":
         low = max(0, ref - past_horizon) if past_horizon > 0 else 0
@@ -765,11 +804,12 @@ class River(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        check_config(cfg)
         self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
         self.refiner = Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks,
                                cfg.refine_width, skip=True) if cfg.refine_steps else None
 
-    def sampler(self, steps=None, warm_start=None, solver=None):
+    def sampling_settings(self, steps=None, warm_start=None, solver=None):
         """(steps, warm_start, solver): the ones given, the config's where None."""
         return (self.cfg.sample_steps if steps is None else steps,
                 self.cfg.warm_start if warm_start is None else warm_start,
@@ -779,20 +819,17 @@ class River(nn.Module):
     def next_latent(self, history, steps, warm_start=0.0, solver="euler", past_horizon=-1):
         """The latent (B, D, h, w) after history (B, L, D, h, w), from noise (or a warm start)."""
         B, L = history.shape[:2]
-        rows, ref = torch.arange(B, device=history.device), history[:, -1]
-        if self.cfg.conditioning == "dense":  # the ablation: the same K-1 older frames throughout
-            dense = dense_conditioning(history, torch.full((B,), L - 1, device=history.device),
-                                       self.cfg.dense_frames)
+        ref, last = history[:, -1], torch.full((B,), L - 1, device=history.device)
 
         def field(x, t):
             # a new random past frame at every evaluation: the paper's sparse conditioning
             c, d = (i.to(x.device) for i in past_frame(L, B, self.cfg.conditioning, past_horizon))
-            cond = dense if self.cfg.conditioning == "dense" else history[rows, c]
+            cond = conditioning_latents(history, last, c, self.cfg)
             t = torch.full((B,), float(t), device=x.device)
+            # float32: under bf16 autocast the field's output is bf16, the state x is not
             return self.field(x, t, ref, cond, d).float()
 
-        # the noise comes from the CPU generator, as in the official sampler
-        eps = torch.randn(ref.shape).to(ref.device)
+        eps = torch.randn(ref.shape).to(ref.device)  # drawn on the CPU: see OFFICIAL_PARITY
         x = warm_start_state(ref, warm_start, self.cfg.sigma_min, eps)  # s = 0: x = eps
         return integrate(field, x, time_grid(warm_start, steps), solver)
 
@@ -819,11 +856,11 @@ class River(nn.Module):
         if refine and self.refiner is None:
             raise RiverError("refine=True but this model has no refiner: train one (train "
                              "--stage refine) or load one (load_refiner)")
-        steps, warm_start, solver = self.sampler(steps, warm_start, solver)
+        steps, warm_start, solver = self.sampling_settings(steps, warm_start, solver)
         B, n = context.shape[:2]
         z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
         history = rearrange(z, "(b n) d h w -> b n d h w", b=B)
-        twice = n == 1 and self.cfg.official_history  # the official sampler's history quirk
+        twice = n == 1 and self.cfg.official_history  # see OFFICIAL_PARITY
         if twice:
             history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
@@ -1243,48 +1280,58 @@ class UViT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        D, W = cfg.latent_dim, cfg.uvit_width
+        D, E = cfg.latent_dim, cfg.uvit_width
 
         def layer():  # dropout 0.05, exact GELU, LayerNorm eps 1e-5 as in the official model
-            return nn.TransformerEncoderLayer(W, 8, 4 * W, dropout=0.05, activation="gelu",
+            return nn.TransformerEncoderLayer(E, 8, 4 * E, dropout=0.05, activation="gelu",
                                               batch_first=True, norm_first=True)
 
-        self.position_encoding = GridPosition(W)
-        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, W))
-        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, W))
+        self.position_encoding = GridPosition(E)
+        self.project_in = nn.Sequential(Rearrange("b c h w -> b (h w) c"), nn.Linear(3 * D, E))
+        self.time_projection = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, E))
         self.in_blocks = nn.ModuleList(layer() for _ in range(cfg.uvit_depth))
         self.mid_blocks = nn.Sequential(*(layer() for _ in range(cfg.uvit_mid_depth)))
-        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * W, W), layer()])
+        self.out_blocks = nn.ModuleList(nn.ModuleList([nn.Linear(2 * E, E), layer()])
                                         for _ in range(cfg.uvit_depth))
         if cfg.uvit_head == "ln":
-            self.project_out = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W),
-                                             TokenGrid(), nn.Conv2d(W, D, 3, padding=1))
+            self.project_out = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E),
+                                             TokenGrid(), nn.Conv2d(E, D, 3, padding=1))
         else:  # "bn"
-            self.project_out = nn.Sequential(nn.Linear(W, W), TokenGrid(), nn.GELU(),
-                                             nn.BatchNorm2d(W), nn.Conv2d(W, D, 3, padding=1))
+            self.project_out = nn.Sequential(nn.Linear(E, E), TokenGrid(), nn.GELU(),
+                                             nn.BatchNorm2d(E), nn.Conv2d(E, D, 3, padding=1))
 
     def forward(self, x, t, ref, cond, d):
         """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
         h, w = x.shape[-2:]
-        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, W)
+        tokens = self.project_in(torch.cat([x, ref, cond], 1))  # (B, 3D, h, w) -> (B, h*w, E)
         # every spatial token gets its position and the embedding of log d
-        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, W)
-        tokens = tokens + self.position_encoding(h, w) + dist[:, None]  # + (h*w, W) + (B, 1, W)
-        # the flow time is one more token in front: a sinusoid of 200 t, no learned layer
-        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, W)
-        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, W)
+        dist = self.time_projection(torch.log(d.float())[:, None])  # (B, E)
+        tokens = tokens + self.position_encoding(h, w) + dist[:, None]  # + (h*w, E) + (B, 1, E)
+        # the flow time is one more token in front: a sinusoid of 200 t (the official scale,
+        # which its weights were trained with), no learned layer
+        time = sinusoidal(200 * t, tokens.shape[-1])[:, None]  # (B, 1, E)
+        tokens = torch.cat([time, tokens], 1)  # (B, 1 + h*w, E)
         skips = []
         for layer in self.in_blocks:
             tokens = layer(tokens)
             skips.append(tokens)
         tokens = self.mid_blocks(tokens)
-        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2W) -> (B, 1 + h*w, W)
+        for skip_linear, layer in self.out_blocks:  # (B, 1 + h*w, 2E) -> (B, 1 + h*w, E)
             tokens = layer(skip_linear(torch.cat([skips.pop(), tokens], -1)))
         return self.project_out(tokens[:, 1:])  # without the time token -> (B, D, h, w)
 
 
 AUTOENCODERS["clevrer"] = ClevrerVQVAE
 FIELDS["uvit"] = UViT
+
+# OFFICIAL_PARITY: what river's method does as the official code does, so that a seed means
+# the same thing in both and a released model samples what it samples there: the sampler
+# draws each frame's noise on the CPU generator (torch.randn, then .to(device)) and the
+# conditioning frame of every evaluation with torch.randint(lo, L - 1, (B,)) on the CPU, in
+# that order, even when the range holds one value; with one context frame and
+# Config.official_history the frame sits twice in the history (a quirk: later draws may pick
+# the copy, with a distance one too large); solver rk4 is torchdiffeq's 3/8 rule on the grid
+# of time_grid. tests/test_official.py checks all of it against the official outputs.
 
 
 OFFICIAL = {"bair64": "bair64", "kth": "kth64", "bair256": "bair256", "clevrer": "clevrer128"}
@@ -2026,7 +2073,7 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
-    sampler = model.sampler(steps, warm_start, solver)
+    sampler = model.sampling_settings(steps, warm_start, solver)
     M, T = clips.shape[:2]
     truth, rows = clips[:, context:], torch.arange(M)  # (M, P, C, H, W): P predicted frames
     scores, fakes, tic = {}, {}, time.time()
@@ -2277,7 +2324,7 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
-    steps, warm_start, solver = model.sampler(steps, warm_start, solver)
+    steps, warm_start, solver = model.sampling_settings(steps, warm_start, solver)
     context, frames = settings["context"], settings["frames"]
     clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
                                memory=True)
@@ -2298,27 +2345,6 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
                                 "copy_last", "autoencoder") if n in result}))
     print(f"wrote {out}.json and {out}_psnr.png")
     return result
-
-
-def check_config(cfg):
-    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
-        if getattr(cfg, key) < 1:
-            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.frame_skip < 1:
-        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
-    if cfg.clip_frames < 3:
-        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
-                         f"got {cfg.clip_frames}")
-    if cfg.conditioning not in ("random", "last", "fixed", "dense"):
-        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use random, last, fixed "
-                         "or dense")
-    if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
-        raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
-                         f"{cfg.refine_steps} and {cfg.refine_loss!r}")
-    if cfg.dense_frames < 2:
-        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
-    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
-        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
 def make_config(args):
@@ -2361,10 +2387,13 @@ def training_now(args, cfg):
 def load_i3d(path, device):
     """A TorchScript I3D (for FVD and the refiner's perceptual loss), frozen, or one line."""
     try:
-        return torch.jit.load(path, map_location=device).eval().requires_grad_(False)
+        i3d = torch.jit.load(path, map_location=device).eval()
     except Exception as e:
         raise RiverError(f"{path} is not a loadable TorchScript I3D ({type(e).__name__}): pass "
                          "the i3d_torchscript.pt file")
+    for p in i3d.parameters():  # a loss through it trains the refiner, never the I3D
+        p.requires_grad_(False)
+    return i3d
 
 
 def cmd_train(args):

@@ -107,7 +107,7 @@ def test_eval_scores_the_refined_samples_beside_the_plain_ones(data, refined_run
     model = river.load_river(str(refined_run), "cpu")
     clips = river.eval_clips(data, "test", 2, 3, 1, 3)
     torch.manual_seed(0)
-    preds = river.predictions(model, clips[:, :2], 3, 64, *model.sampler())
+    preds = river.predictions(model, clips[:, :2], 3, 64, *model.sampling_settings())
     torch.testing.assert_close(preds["refined"], model.refine(clips[:, 1], preds["model"]))
     out = river.evaluate(model, clips, 2)
     assert out["refined_mean"]["psnr"] == pytest.approx(
@@ -172,3 +172,20 @@ def test_a_killed_refine_stage_resumes_where_it_stopped(data, tmp_path):
     assert b["step"] == 80
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k])
+
+
+def test_the_perceptual_loss_calls_the_i3d_on_whole_clips(data, tmp_path):
+    """--refine-i3d: 0.1 x the distance of I3D features of the refined and the true clip."""
+    calls = []
+
+    class Features(torch.nn.Module):  # stands in for an I3D: (B, 3, T, 224, 224) -> (B, F)
+        def forward(self, x):
+            calls.append((tuple(x.shape), x.requires_grad))
+            return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+    cfg = river.replace(SMALL, refine_steps=2, refine_batch=5)
+    river.train(data, str(tmp_path / "r"), cfg, refine_i3d=Features())
+    assert len(calls) >= 4  # a fake and a real clip per step
+    shapes = {shape for shape, _ in calls}
+    assert shapes == {(1, 3, cfg.clip_frames, 224, 224)}  # refine_batch 5 // (T - 1) = 1 clip
+    assert {grad for _, grad in calls} == {True, False}  # the refined clip carries gradients

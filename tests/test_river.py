@@ -270,7 +270,7 @@ def test_sampler_makes_the_official_random_draws_in_the_official_order():
 def test_dense_conditioning_sees_the_last_k_frames_at_once():
     cfg = river.replace(SMALL, conditioning="dense", dense_frames=4)
     latents = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(2, 6, cfg.latent_dim, 8, 8)
-    cond = river.dense_conditioning(latents, torch.tensor([4, 1]), 4)
+    cond = river.conditioning_latents(latents, torch.tensor([4, 1]), None, cfg)
     assert cond.shape == (2, 3 * cfg.latent_dim, 8, 8)
     assert cond[0, ::cfg.latent_dim, 0, 0].tolist() == [3, 2, 1]  # newest first
     assert cond[1, ::cfg.latent_dim, 0, 0].tolist() == [0, 0, 0]  # the clip's start repeats
