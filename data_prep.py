@@ -36,6 +36,7 @@ import bisect
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -58,35 +59,81 @@ class DataError(ValueError):
 def write_videos(out, splits, force=False, progress=True, attrs=None, memory=None):
     """Write {split name: iterable of uint8 (T, H, W, C) videos} to the HDF5 file `out`.
 
-    Atomic: the file is built as `out.tmp-<pid>` in the same directory and renamed onto
-    `out` only when complete; on any exception the temporary file is removed. Videos are
-    consumed lazily, so a generator keeps memory at one video.
-    `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info` shows them).
-    `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
+    Atomic (see `_new_file`). Videos are consumed lazily, so a generator keeps memory at one
+    video. `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info`
+    shows them). `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
     /memory/<split>/<i> (see `memory_flags`); each must match its video's length.
     """
-    out = Path(out)
     if not splits:
         raise DataError(f"nothing to write to {out}: no splits given")
+    with _new_file(out, force, attrs) as f:
+        for name, videos in splits.items():
+            split = _SplitWriter(f, name)
+            total = len(videos) if hasattr(videos, "__len__") else None
+            for video in tqdm(videos, desc=f"writing {name}", total=total, unit="video",
+                              disable=not progress):
+                split.add(video)
+            split.finish()
+        for name, flags in (memory or {}).items():
+            _write_memory(f, name, flags)
+
+
+def _check_out(out, force):
+    """Fail before any work when `out` cannot be written."""
+    out = Path(out)
     if out.is_dir():
         raise DataError(f"{out} is a directory; pass a file path such as {out / 'data.h5'}")
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise DataError(f"output directory {out.parent} does not exist; create it first")
+
+
+@contextmanager
+def _new_file(out, force, attrs=None):
+    """An HDF5 file open for writing that becomes `out` only when the block completes: it is
+    built as `out.tmp-<pid>` in the same directory and renamed onto `out`; on any exception
+    the temporary file is removed and `out` is left as it was."""
+    _check_out(out, force)
+    out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         # the 1.10 file format stores a small dataset in ~1/5 of the bytes of the 1.8 default
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs.update(attrs or {})
-            for name, videos in splits.items():
-                _write_split(f.create_group(name), name, videos, progress)
-            for name, flags in (memory or {}).items():
-                _write_memory(f, name, flags)
+            yield f
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _SplitWriter:
+    """Appends videos to one split of an open file, in the official layout."""
+
+    def __init__(self, f, name):
+        self.name, self.group, self.shape = name, f.create_group(name), None
+        self.lengths = self.group.create_group("len")
+
+    def add(self, video):
+        video, i = np.asarray(video), len(self.lengths)
+        if video.dtype != np.uint8 or video.ndim != 4:
+            raise DataError(f"split '{self.name}' video {i}: got {video.dtype} array of shape "
+                            f"{video.shape}; videos must be uint8 (T, H, W, C)")
+        self.shape = self.shape or video.shape[1:]
+        if video.shape[1:] != self.shape:
+            raise DataError(f"split '{self.name}': video {i} has frames {video.shape[1:]} but "
+                            f"video 0 has {self.shape}; resize all videos to one resolution")
+        frames = self.group.create_group(str(i))
+        for t, frame in enumerate(video):
+            # one chunk per frame: frames are always read whole
+            frames.create_dataset(str(t), data=frame, chunks=self.shape, compression="lzf")
+        self.lengths.create_dataset(str(i), data=len(video))
+
+    def finish(self):
+        if not len(self.lengths):
+            raise DataError(f"split '{self.name}' has no videos; add videos or leave the split "
+                            f"out")
 
 
 def _write_memory(f, split, flags):
@@ -104,30 +151,6 @@ def _write_memory(f, split, flags):
             raise DataError(f"split '{split}' video {i}: memory flags of shape {flag.shape} "
                             f"for {int(lengths[str(i)][()])} frames; pass one flag per frame")
         group.create_dataset(str(i), data=flag)
-
-
-def _write_split(group, name, videos, progress):
-    """Write one split in the official layout into `group`."""
-    lengths = group.create_group("len")
-    total = len(videos) if hasattr(videos, "__len__") else None
-    shape = None
-    for i, video in enumerate(tqdm(videos, desc=f"writing {name}", total=total,
-                                   unit="video", disable=not progress)):
-        video = np.asarray(video)
-        if video.dtype != np.uint8 or video.ndim != 4:
-            raise DataError(f"split '{name}' video {i}: got {video.dtype} array of shape "
-                            f"{video.shape}; videos must be uint8 (T, H, W, C)")
-        shape = shape or video.shape[1:]
-        if video.shape[1:] != shape:
-            raise DataError(f"split '{name}': video {i} has frames {video.shape[1:]} but "
-                            f"video 0 has {shape}; resize all videos to one resolution")
-        frames = group.create_group(str(i))
-        for t, frame in enumerate(video):
-            # one chunk per frame: frames are always read whole
-            frames.create_dataset(str(t), data=frame, chunks=shape, compression="lzf")
-        lengths.create_dataset(str(i), data=len(video))
-    if shape is None:
-        raise DataError(f"split '{name}' has no videos; add videos or leave the split out")
 
 
 class _LazyVideos:
@@ -153,7 +176,7 @@ def _shard_paths(path):
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.suffix in (".h5", ".hdf5"))
         if not shards:
-            raise DataError(f"{path} holds no *.h5 or *.hdf5 files; pass a video file or a "
+            raise DataError(f"{path} holds no *.h5 or *.hdf5 files; pass an HDF5 file or a "
                             f"directory of shards")
         return shards
     if not path.exists():
@@ -193,8 +216,12 @@ def _split_group(f, path, split):
     if have:
         raise DataError(f"{path}: split '{split}' not in file; it has: {', '.join(have)}; "
                         f"ask for one of those")
-    raise DataError(f"{path}: no 'len' group and no split groups ({', '.join(SPLITS)}); not a "
-                    f"RIVER video file: convert the data with data_prep.py")
+    raise _not_river(path, f"no 'len' group and no split groups ({', '.join(SPLITS)})")
+
+
+def _not_river(where, what):
+    return DataError(f"{where}: {what}; not a RIVER video file: convert the data with "
+                     f"data_prep.py")
 
 
 def splits_in(path):
@@ -207,16 +234,14 @@ def splits_in(path):
             return [PLAIN]
         names = _split_names(f)
     if not names:
-        raise DataError(f"{path0}: no 'len' group and no split groups ({', '.join(SPLITS)}); "
-                        f"not a RIVER video file: convert the data with data_prep.py")
+        raise _not_river(path0, f"no 'len' group and no split groups ({', '.join(SPLITS)})")
     return names
 
 
 def _scan(group, where):
     """Validate one official-layout group; return (lengths, frame shape of each video)."""
     if "len" not in group:
-        raise DataError(f"{where}: no 'len' group; not a RIVER video file: convert the data "
-                        f"with data_prep.py")
+        raise _not_river(where, "no 'len' group")
     lens, keys = group["len"], set(group.keys())
     lengths, shapes = [], []
     for i in range(len(lens)):
@@ -338,19 +363,21 @@ def _common_shape(shapes, path, split):
 
 def memory_flags(path, split="train"):
     """Per-frame memory flags of one split: a list with one bool (T,) array per video, in
-    video order. True marks a frame whose content the last two frames do not determine and
-    one older frame does (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
-    path0 = _shard_paths(path)[0]
-    with _open(path0) as f:
-        group = f.get(MEMORY)
-        if not isinstance(group, h5py.Group):
-            raise DataError(f"{path0} has no memory flags; only `data_prep.py synthetic --kind "
-                            f"occluder` writes them")
-        if split not in group:
-            raise DataError(f"{path0}: no memory flags for split '{split}'; it has them for: "
-                            f"{', '.join(group)}")
-        flags = group[split]
-        return [flags[str(i)][()].astype(bool) for i in range(len(flags))]
+    video order, the videos of every shard in turn (as `VideoStore` numbers them). True marks
+    a frame whose content the last two frames do not determine and one older frame does
+    (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
+    flags = []
+    for shard in _shard_paths(path):
+        with _open(shard) as f:
+            group = f.get(MEMORY)
+            if not isinstance(group, h5py.Group):
+                raise DataError(f"{shard} has no memory flags; only `data_prep.py synthetic "
+                                f"--kind occluder` writes them")
+            if split not in group:
+                raise DataError(f"{shard}: no memory flags for split '{split}'; it has them for: "
+                                f"{', '.join(group)}")
+            flags += [group[split][str(i)][()].astype(bool) for i in range(len(group[split]))]
+    return flags
 
 
 # ---------------------------------------------------------------------------------------
@@ -1118,9 +1145,9 @@ def info(path, file=None):
     with _open(shards[0]) as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         memory = f.get(MEMORY)
-        counts = {split: (sum(int(d[()].sum()) for d in memory[split].values()),
-                          sum(d.shape[0] for d in memory[split].values()))
-                  for split in (_ordered(memory) if isinstance(memory, h5py.Group) else [])}
+        flagged = _ordered(memory) if isinstance(memory, h5py.Group) else []
+    counts = {split: (sum(int(v.sum()) for v in flags), sum(len(v) for v in flags))
+              for split in flagged for flags in [memory_flags(path, split)]}
     if attrs:
         print("data: " + ", ".join(f"{k}={v}" for k, v in sorted(attrs.items())), file=file)
     if counts:
@@ -1238,9 +1265,11 @@ seed.""")
           "0.25 for slowly changing videos)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
-    p = commands.add_parser("info", help="describe a video file",
-                            description="Per split: videos, frames per video, resolution, "
-                            "channels, dtype, uncompressed size; then the size on disk.")
+    p = commands.add_parser("info", help="describe an HDF5 file written by data_prep",
+                            description="Describe an HDF5 file (or a directory of shards): per "
+                            "split, videos, frames per video, resolution, channels, dtype, "
+                            "uncompressed size; then the size on disk, and the root attributes "
+                            "and memory flags when the file has them.")
     p.add_argument("path", help="an .h5 file or a directory of shards")
     return parser
 

@@ -822,3 +822,33 @@ def test_balls_speed_factor(tmp_path, capsys):
     assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--speed", "0.5",
                  "--force"]) == 2
     assert "apply to --kind balls only" in capsys.readouterr().err
+
+
+def test_memory_flags_of_a_shard_directory(tmp_path, rng, capsys):
+    """Flags number the videos of every shard in turn, as VideoStore does (issue #25: only
+    the first shard was read, so evaluation's flags[i] raised IndexError past it)."""
+    shards, want = tmp_path / "shards", []
+    shards.mkdir()
+    for k, count in enumerate((2, 3)):
+        videos = random_videos(rng, count, frames=4)
+        flags = [rng.random(4) < 0.5 for _ in videos]
+        write_videos(shards / f"part{k}.h5", {"test": videos}, progress=False,
+                     memory={"test": flags})
+        want += flags
+    got = data_prep.memory_flags(shards, "test")
+    assert len(got) == len(VideoStore(shards, "test")) == 5
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    capsys.readouterr()
+    assert main(["info", str(shards)]) == 0
+    total = int(sum(w.sum() for w in want))
+    assert f"test {total} of 20" in capsys.readouterr().out
+
+
+def test_info_help_says_it_takes_an_hdf5_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "describe an HDF5 file" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    assert "a video file" not in capsys.readouterr().out
