@@ -389,26 +389,27 @@ def _natural_key(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _fit(image, size, mode="RGB"):
+def _fit(image, size):
     """The one resize rule of every reader (frames, npy, videos, read_clip): a PIL image
-    -> uint8 (size, size) array in `mode` ('RGB' or 'L'). The WHOLE frame is resized to a
-    square, as the official converter does: no crop, so the aspect ratio is not kept."""
+    -> uint8 (size, size, 3) RGB array. The WHOLE image is resized to a square, as the
+    official converter does, so the aspect ratio is not kept (`videos --crop` cuts a square
+    window first)."""
     from PIL import Image
 
-    image = image.convert(mode)  # first: palette and 16-bit images must not be resampled raw
+    image = image.convert("RGB")  # first: palette and 16-bit images must not be resampled raw
     if image.size != (size, size):
         # LANCZOS low-passes before subsampling, so downsizing does not alias
         image = image.resize((size, size), Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _load_image(path, size, mode="RGB"):
-    """One image file as uint8 (size, size, 3) RGB, or (size, size) for mode 'L'."""
+def _load_image(path, size):
+    """One image file as uint8 (size, size, 3) RGB."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return _fit(image, size, mode)
+            return _fit(image, size)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
@@ -474,16 +475,25 @@ def _uint8_converter(array):
                     f"(0..255) or float in [0, 1]")
 
 
+def _rgb(video):
+    """uint8 (..., C) with C = 1 (gray, replicated), 3, or 4 (RGBA, alpha dropped) -> RGB."""
+    return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video[..., :3]
+
+
 def _resize_video(video, size):
-    """uint8 (T, H, W, C), C = 1 or 3 -> (T, size, size, C) by the rule of `_fit`."""
+    """uint8 RGB (T, H, W, 3) -> (T, size, size, 3) by the rule of `_fit`."""
     from PIL import Image
 
     if video.shape[1:3] == (size, size):
         return video
-    gray = video.shape[-1] == 1
-    frames = [_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, "L" if gray else "RGB")
-              for f in video]
-    return np.stack(frames).reshape(len(video), size, size, -1)
+    return np.stack([_fit(Image.fromarray(frame), size) for frame in video])
+
+
+def _load_npy(path, mmap_mode=None):
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
 
 
 def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=0.0,
@@ -493,10 +503,7 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
     All videos go to `split`, except that `val_frac` / `test_frac` of them (the LAST ones,
     in file order, so the result is reproducible) go to 'val' / 'test'.
     """
-    try:
-        array = np.load(input, mmap_mode="r")  # memory-mapped: large files stream
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load {input} as .npy ({e}); pass a file saved by numpy.save")
+    array = _load_npy(input, mmap_mode="r")  # memory-mapped: large files stream
     layout = layout or DEFAULT_LAYOUT.get(array.ndim)
     if layout is None:
         raise DataError(f"{input} has shape {array.shape}; expected 4-D or 5-D videos: pass "
@@ -508,9 +515,8 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
     to_uint8 = _uint8_converter(array)
 
     def load(n):
-        video = to_uint8(videos[n])
-        video = _resize_video(video, image_size) if image_size else video
-        return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+        video = _rgb(to_uint8(videos[n]))
+        return _resize_video(video, image_size) if image_size else video
 
     write_videos(out, _fraction_splits(len(videos), split, val_frac, test_frac, load),
                  force, progress)
@@ -578,9 +584,9 @@ def _upright(frame):
     return image.transpose(turn) if turn is not None else image
 
 
-def _decode(path, size, every=1, max_frames=None, mode="RGB"):
+def _decode(path, size, every=1, max_frames=None):
     """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each fitted by
-    `_fit`, as uint8 (T, size, size, 3), or (T, size, size) for mode 'L'."""
+    `_fit`, as uint8 (T, size, size, 3)."""
     av = _av()
     frames = []
     try:
@@ -592,7 +598,7 @@ def _decode(path, size, every=1, max_frames=None, mode="RGB"):
                     if max_frames is not None and len(frames) >= max_frames:
                         break  # the rest of a long video is not needed: stop decoding
                     if t % every == 0:
-                        frames.append(_fit(_upright(frame), size, mode))
+                        frames.append(_fit(_upright(frame), size))
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's text, without the path
         raise _BadVideo(f"cannot decode {path} ({reason}); the file is damaged or not a video: "
@@ -785,56 +791,46 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
 
 
 def read_clip(path, image_size, channels=3):
-    """ONE clip to predict from -> uint8 (T, image_size, image_size, channels).
+    """ONE clip to predict from -> uint8 RGB (T, image_size, image_size, 3).
 
     `path`: a folder of frame images (taken in natural name order: 2.png before 10.png),
     a .npy array (T, H, W) or (T, H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1],
     or a video file (.mp4, .avi, .mkv, .webm, .mov, .gif; needs PyAV). Frames are resized
     by the same rule as the `frames`, `npy` and `videos` subcommands (`_fit`), so a clip
-    looks like the training data. channels: 3 (RGB) or 1 (grayscale).
+    looks like the training data. `channels`: 3, the only value the format has (C = 3).
     """
-    if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if channels != 3:
+        raise DataError(f"frames are RGB (C = 3), got channels={channels}")
     if image_size < 1:
         raise DataError(f"image size must be at least 1, got {image_size}")
-    path, mode = Path(path), "RGB" if channels == 3 else "L"
+    path = Path(path)
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
                         and not p.name.startswith(".")), key=_natural_key)
         if not files:
             raise DataError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"pass a folder of frames, a .npy file or a video file")
-        frames = np.stack([_load_image(p, image_size, mode) for p in files])
-    elif not path.exists():
+        return np.stack([_load_image(p, image_size) for p in files])
+    if not path.exists():
         raise DataError(f"{path} does not exist; pass a folder of frames, a .npy file or a "
                         f"video file")
-    elif path.suffix.lower() == ".npy":
-        frames = _npy_clip(path, image_size, mode)
-    elif path.suffix.lower() in VIDEO_EXTENSIONS:
-        frames = _decode(path, image_size, mode=mode)
-    else:
-        raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
-                        f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
-    return frames.reshape(*frames.shape[:3], channels)
+    if path.suffix.lower() == ".npy":
+        return _npy_clip(path, image_size)
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return _decode(path, image_size)
+    raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
+                    f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
 
 
-def _npy_clip(path, size, mode):
-    """A .npy clip (T, H, W[, C]) -> frames fitted by `_fit`, (T, size, size[, 3])."""
-    from PIL import Image
-
-    try:
-        array = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
+def _npy_clip(path, size):
+    """A .npy clip (T, H, W[, C]) -> RGB frames fitted by `_fit`, (T, size, size, 3)."""
+    array = _load_npy(path)
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not len(array):
         raise DataError(f"{path} has shape {array.shape}; a clip is (T, H, W) or (T, H, W, C) "
                         f"with C = 1, 3 or 4 and T >= 1")
-    array = _uint8_converter(array)(array)
-    gray = array.shape[-1] == 1
-    return np.stack([_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, mode)
-                     for f in array])
+    return _resize_video(_rgb(_uint8_converter(array)(array)), size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -861,13 +857,9 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     radius (N, B), color (N, B, 3), active (N, B) bool; B = max_balls, and ball b of
     video n exists only where active[n, b] (videos have different ball counts).
     """
-    if not 1 <= max_balls <= len(PALETTE):
-        raise DataError(f"--max_balls {max_balls} out of range; use 1..{len(PALETTE)}")
+    _check_scene(num_videos, frames, size, max_balls, "--max_balls")
     if not 0 < speed <= 10:
         raise DataError(f"--speed {speed} out of range; use a factor in (0, 10], 1 = default")
-    if size < 16 or frames < 1 or num_videos < 1:
-        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
-                        f"frames {frames}, videos {num_videos}")
     rng = np.random.default_rng(seed)
     scale = size / 32
     active = np.arange(max_balls) < rng.integers(1, max_balls + 1, num_videos)[:, None]
@@ -876,8 +868,7 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     angle = rng.uniform(0, 2 * np.pi, (num_videos, max_balls))
     ball_speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * speed * active
     vel = np.stack([np.cos(angle), np.sin(angle)], -1) * ball_speed[..., None]  # (N, B, 2)
-    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
-    color = PALETTE[palette_order[:, :max_balls]]                             # (N, B, 3)
+    color = _colors(rng, num_videos, max_balls)                               # (N, B, 3)
     # Equal masses share kinetic energy, so no ball can exceed sqrt(B) times the top speed.
     substeps = int(np.ceil(SPEED[1] * scale * speed * np.sqrt(max_balls) / MAX_STEP))
     pos, vel = _simulate(pos, vel, radius, active, frames, size, substeps)
@@ -885,24 +876,51 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     return videos, dict(pos=pos, vel=vel, radius=radius, color=color, active=active)
 
 
-def _place_balls(rng, radius, active, size, gap=1.0, tries=1000):
-    """Random centres, balls fully inside the frame and at least `gap` px apart."""
-    num_videos, max_balls = radius.shape
-    pos = np.zeros((num_videos, max_balls, 2))
-    for b in range(max_balls):
+def _check_scene(num_videos, frames, size, count, flag):
+    """The sizes both synthetic kinds need; `count` objects (balls, blocks) per video at most."""
+    if not 1 <= count <= len(PALETTE):
+        raise DataError(f"{flag} {count} out of range; use 1..{len(PALETTE)}")
+    if size < 16 or frames < 1 or num_videos < 1:
+        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
+                        f"frames {frames}, videos {num_videos}")
+
+
+def _colors(rng, num_videos, count):
+    """(N, count, 3) float32: distinct palette colours per video."""
+    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
+    return PALETTE[palette_order[:, :count]]
+
+
+def _place(placed, active, propose, clash, what, size, tries=1000):
+    """Rejection sampling of B objects in N videos, object by object, into `placed`
+    (N, B, ...): `propose(todo, b)` -> where object b goes in the videos of mask `todo`;
+    `clash(placed, b)` -> (N, b) bool, object b overlaps an earlier one. Objects exist only
+    where active (N, B). Returns `placed`; `what` and `size` are for the error message."""
+    count = active.shape[1]
+    for b in range(count):
         todo = active[:, b].copy()
         for _ in range(tries):
             if not todo.any():
                 break
-            r = radius[todo, b, None]
-            pos[todo, b] = r + rng.random((todo.sum(), 2)) * (size - 2 * r)
-            apart = (np.linalg.norm(pos[:, b, None] - pos[:, :b], axis=-1)  # (N, b)
-                     - radius[:, b, None] - radius[:, :b])
-            todo = active[:, b] & ((apart < gap) & active[:, :b]).any(1)
+            placed[todo, b] = propose(todo, b)
+            todo = active[:, b] & (clash(placed, b) & active[:, :b]).any(1)
         if todo.any():
-            raise DataError(f"cannot place {max_balls} balls apart in {size}x{size} frames; "
-                            f"use a larger --size or a smaller --max_balls")
-    return pos
+            raise DataError(f"cannot place {count} {what} apart in {size}x{size} frames; use a "
+                            f"larger --size or fewer {what}")
+    return placed
+
+
+def _place_balls(rng, radius, active, size, gap=1.0):
+    """Random centres (N, B, 2), balls fully inside the frame and at least `gap` px apart."""
+    def propose(todo, b):
+        r = radius[todo, b, None]
+        return r + rng.random((todo.sum(), 2)) * (size - 2 * r)
+
+    def clash(pos, b):
+        apart = (np.linalg.norm(pos[:, b, None] - pos[:, :b], axis=-1)  # (N, b)
+                 - radius[:, b, None] - radius[:, :b])
+        return apart < gap
+    return _place(np.zeros((*active.shape, 2)), active, propose, clash, "balls", size)
 
 
 def _simulate(pos, vel, radius, active, frames, size, substeps):
@@ -1001,11 +1019,7 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
     color (N, B, 3) uint8, active (N, B) bool (block b of video n exists), memory (N, T)
     bool; B = max_blocks.
     """
-    if not 1 <= max_blocks <= len(PALETTE):
-        raise DataError(f"max_blocks {max_blocks} out of range; use 1..{len(PALETTE)}")
-    if size < 16 or frames < 1 or num_videos < 1:
-        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
-                        f"frames {frames}, videos {num_videos}")
+    _check_scene(num_videos, frames, size, max_blocks, "max_blocks")
     rng = np.random.default_rng(seed)
     cell = round(CELL * size / 32)
     cells = size // cell                                   # block columns
@@ -1013,8 +1027,7 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
     height = rng.integers(round(BLOCK_HEIGHT[0] * size / 32),
                           round(BLOCK_HEIGHT[1] * size / 32) + 1, (num_videos, max_blocks))
     boxes = _place_blocks(rng, height, active, cell, cells, size)
-    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
-    color = PALETTE[palette_order[:, :max_blocks]].astype(np.uint8)
+    color = _colors(rng, num_videos, max_blocks).astype(np.uint8)
 
     # The bar's left edge steps one cell a frame between -(BAR_CELLS-1) and cells-1 (in
     # cells) and back: a triangle wave, so one cell of the bar is always in view and every
@@ -1034,28 +1047,21 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
                         active=active, memory=memory)
 
 
-def _place_blocks(rng, height, active, cell, cells, size, gap=1, tries=1000):
-    """Random boxes (x0, y0, x1, y1): one cell wide on the cell grid, at least `gap` px
-    apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
-    num_videos, max_blocks = height.shape
-    boxes = np.zeros((num_videos, max_blocks, 4), int)
-    for b in range(max_blocks):
-        todo = active[:, b].copy()
-        for _ in range(tries):
-            if not todo.any():
-                break
-            x0 = rng.integers(0, cells, todo.sum()) * cell
-            y0 = rng.integers(0, size - height[todo, b] + 1)
-            boxes[todo, b] = np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
-            low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
-            # a column apart, or in one column and `gap` rows apart
-            apart = (low[..., 0] != boxes[:, :b, 0]) | (
-                (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
-            todo = active[:, b] & (~apart & active[:, :b]).any(1)
-        if todo.any():
-            raise DataError(f"cannot place {max_blocks} blocks apart in {size}x{size} frames; "
-                            f"use a larger size or fewer blocks")
-    return boxes
+def _place_blocks(rng, height, active, cell, cells, size, gap=1):
+    """Random boxes (x0, y0, x1, y1), (N, B, 4): one cell wide on the cell grid, at least
+    `gap` px apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
+    def propose(todo, b):
+        x0 = rng.integers(0, cells, todo.sum()) * cell
+        y0 = rng.integers(0, size - height[todo, b] + 1)
+        return np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
+
+    def clash(boxes, b):
+        low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
+        # a column apart, or in one column and `gap` rows apart
+        apart = (low[..., 0] != boxes[:, :b, 0]) | (
+            (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
+        return ~apart
+    return _place(np.zeros((*active.shape, 4), int), active, propose, clash, "blocks", size)
 
 
 def _paint_blocks(boxes, color, active, size):
@@ -1094,8 +1100,7 @@ def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, f
     """
     if kind not in SYNTHETIC_KINDS:
         raise DataError(f"unknown --kind {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
-    if Path(out).exists() and not force:  # fail before generating
-        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    _check_out(out, force)  # fail before generating
     if kind == "balls":
         clips, _ = bouncing_balls(videos, frames, size, seed, max_balls, speed)
         write_videos(out, _synthetic_splits(clips), force,

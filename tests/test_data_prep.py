@@ -629,16 +629,19 @@ def test_read_clip_folder_npy_and_video(tmp_path, rng, av):
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.npy", 8), clip)
     write_video(tmp_path / "clip.mkv", video)
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.mkv", 8), clip)
-    # grayscale (T, H, W): replicated for channels=3, kept for channels=1
+    # grayscale (T, H, W) and float in [0, 1]: replicated to RGB, as the format stores it
     gray = rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "gray.npy", gray)
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8),
                                   np.repeat(gray[..., None], 3, -1))
-    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8, channels=1),
-                                  gray[..., None])
     np.save(tmp_path / "float.npy", gray / 255.0)
-    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "float.npy", 8, 1),
-                                  gray[..., None])
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "float.npy", 8, 3),
+                                  np.repeat(gray[..., None], 3, -1))
+    # resized gray is the resized RGB copy, and RGBA drops its alpha
+    small = data_prep.read_clip(tmp_path / "gray.npy", 5)
+    assert small.shape == (4, 5, 5, 3) and (small == small[..., :1]).all()
+    np.save(tmp_path / "rgba.npy", np.concatenate([video, video[..., :1]], -1))
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "rgba.npy", 8), clip)
 
 
 def test_read_clip_errors(tmp_path):
@@ -653,8 +656,8 @@ def test_read_clip_errors(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 8, 8, 5), np.uint8))
     with pytest.raises(DataError, match=r"shape \(2, 8, 8, 5\)"):
         data_prep.read_clip(tmp_path / "bad.npy", 8)
-    with pytest.raises(DataError, match="channels must be 1 or 3"):
-        data_prep.read_clip(tmp_path / "bad.npy", 8, channels=4)
+    with pytest.raises(DataError, match=r"frames are RGB \(C = 3\), got channels=1"):
+        data_prep.read_clip(tmp_path / "bad.npy", 8, channels=1)
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "0.png").write_text("not a png")
     with pytest.raises(DataError, match="cannot read image .*0.png"):
