@@ -2,7 +2,7 @@
 
 One command line with five subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
-    videos     video files (.mp4 .avi .mkv .webm .mov .gif), split by folder/name/fraction -> HDF5
+    videos     video files (.mp4 .avi ...; --crop), split by folder/name/fraction/time  -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
     synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
@@ -26,7 +26,8 @@ returned whatever split is asked for (train and test are then the SAME videos) a
 `splits_in` reports it as ['plain'].
 
 Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
-Resizing: every reader resizes the whole frame to a square with LANCZOS, no crop (`_fit`).
+Resizing: every reader resizes the whole frame to a square with LANCZOS (`_fit`); `videos
+--crop` cuts square windows first.
 Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
 This module owns the format; it never imports river.py (river.py imports it).
 """
@@ -584,11 +585,33 @@ def _upright(frame):
     return image.transpose(turn) if turn is not None else image
 
 
-def _decode(path, size, every=1, max_frames=None):
-    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each fitted by
-    `_fit`, as uint8 (T, size, size, 3)."""
+CROPS = ("squeeze", "center", "tiles")
+
+
+def _windows(width, height, crop):
+    """The boxes (left, top, right, bottom) that `crop` cuts from a width x height frame.
+    squeeze: the whole frame (`_fit` squeezes it to a square, as the official converter does);
+    center: the central square; tiles: ceil(long / short) squares of the short side spread
+    evenly along the long side, the first at one end and the last at the other (they overlap
+    unless the long side is a multiple of the short one), in order from left or top."""
+    if crop == "squeeze":
+        return [(0, 0, width, height)]
+    side, spare = min(width, height), abs(width - height)
+    if crop == "center":
+        offsets = [spare // 2]
+    else:
+        count = -(-max(width, height) // side)  # ceil
+        offsets = [round(k * spare / max(count - 1, 1)) for k in range(count)]
+    return [(o, 0, o + side, side) if width > height else (0, o, side, o + side)
+            for o in offsets]
+
+
+def _decode(path, size, every=1, max_frames=None, crop="squeeze"):
+    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each cut into
+    the windows of `crop` (`_windows`) and fitted by `_fit`: uint8 (K, T, size, size, 3),
+    one video per window (K = 1 but for tiles)."""
     av = _av()
-    frames = []
+    frames, boxes = [], None
     try:
         with av.open(str(path)) as container:
             streams = container.streams.video
@@ -598,7 +621,10 @@ def _decode(path, size, every=1, max_frames=None):
                     if max_frames is not None and len(frames) >= max_frames:
                         break  # the rest of a long video is not needed: stop decoding
                     if t % every == 0:
-                        frames.append(_fit(_upright(frame), size))
+                        image = _upright(frame)
+                        boxes = boxes or _windows(*image.size, crop)
+                        frames.append([_fit(image if box == (0, 0, *image.size) else
+                                            image.crop(box), size) for box in boxes])
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's text, without the path
         raise _BadVideo(f"cannot decode {path} ({reason}); the file is damaged or not a video: "
@@ -607,7 +633,7 @@ def _decode(path, size, every=1, max_frames=None):
         raise _BadVideo(f"{path} has no video stream; remove it or pass a video file")
     if not frames:
         raise _BadVideo(f"{path} decodes to no frames; re-encode or remove it")
-    return np.stack(frames)
+    return np.stack(frames, axis=1)  # (T, K, ...) -> (K, T, size, size, 3)
 
 
 def _natural_path_key(path, root):
@@ -615,12 +641,15 @@ def _natural_path_key(path, root):
     return [_natural_key(Path(part)) for part in path.relative_to(root).parts]
 
 
-def _video_files(folder):
-    """Video files anywhere below `folder`, in natural path order. Hidden files are left
-    out: macOS writes `._name.mp4` companions that are not videos."""
+def _video_files(folder, where, fix):
+    """Video files anywhere below `folder`, in natural path order; none is an error (in
+    `where`, saying `fix`). Hidden files are left out: macOS writes `._name.mp4` companions
+    that are not videos."""
     files = [p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
              and p.is_file() and not any(part.startswith(".") for part in
                                          p.relative_to(folder).parts)]
+    if not files:
+        raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {where}; {fix}")
     return sorted(files, key=lambda p: _natural_path_key(p, folder))
 
 
@@ -706,87 +735,115 @@ def _split_by_fraction(files, root, val_frac, test_frac):
     return {name: videos for name, videos in splits.items() if videos}
 
 
-class _VideoFiles:
-    """One split's video files, decoded as the writer reaches them (the writer's progress
-    bar counts files). With skip_bad, a file that fails to decode is left out and recorded
-    in `skipped`; otherwise its error stops the conversion."""
+def _time_pieces(windows, fraction, length):
+    """(split, video) pairs of one decoded file (K, T, ...) split in time: the first
+    fraction * T frames (rounded half up) go to train, one video per window; the rest to
+    test, cut into consecutive videos of `length` frames (None: the whole rest), a shorter
+    end left out."""
+    frames = windows.shape[1]
+    cut = int(fraction * frames + 0.5)
+    length = length or frames - cut
+    train = [("train", w[:cut]) for w in windows] if cut else []
+    starts = range(cut, frames - length + 1, length) if length else []
+    return train + [("test", w[a:a + length]) for w in windows for a in starts]
 
-    def __init__(self, name, files, load, skip_bad, skipped):
-        self.name, self.files, self.load = name, files, load
-        self.skip_bad, self.skipped = skip_bad, skipped
 
-    def __len__(self):
-        return len(self.files)
+def _check_video_options(image_size, every, max_frames, crop, time_split, test_length):
+    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
+        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
+                        f"{every}, {max_frames} and {image_size}")
+    if crop not in CROPS:
+        raise DataError(f"unknown --crop {crop!r}; use one of {', '.join(CROPS)}")
+    if time_split is not None and not 0 < time_split < 1:
+        raise DataError(f"--time_split {time_split} must lie in (0, 1): the fraction of each "
+                        f"video's frames that goes to train")
+    if test_length is not None and (time_split is None or test_length < 1):
+        raise DataError(f"--test_length {test_length} cuts the test part of --time_split into "
+                        f"videos: pass --time_split too, and a length of at least 1")
 
-    def __iter__(self):
-        written = 0
-        for file in self.files:
-            try:
-                video = self.load(file)
-            except _BadVideo as e:
-                if not self.skip_bad:
-                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
-                self.skipped.append(str(file))
-                continue
-            written += 1
-            yield video
-        if not written:
-            raise DataError(f"none of the {len(self.files)} files of split '{self.name}' could "
-                            f"be decoded; check the files")
+
+def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups, time_split):
+    """{split: files}: by split folders, --split_by, fractions, or all in train (time split
+    too: every file goes to both splits, each in part)."""
+    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
+    file_split = split_by or val_groups or test_groups or val_frac or test_frac
+    if time_split is not None and (split_dirs or file_split):
+        raise DataError(f"--time_split splits every video in time, so it takes no other split: "
+                        f"drop the split folders of {data_dir} and --split_by/--*_groups/"
+                        f"--*_frac")
+    if split_dirs:
+        if file_split:
+            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
+                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
+        return {s: _video_files(data_dir / s, data_dir / s, "add videos or remove the folder")
+                for s in split_dirs}
+    found = _video_files(data_dir, f"{data_dir} or its subfolders",
+                         "pass the folder that holds the videos")
+    if split_by:
+        if val_frac or test_frac:
+            raise DataError("--split_by and --val_frac/--test_frac both split the files; "
+                            "pass one of them")
+        return _split_by_regex(found, split_by, val_groups, test_groups)
+    if val_groups or test_groups:
+        raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
+                        "file's group")
+    return _split_by_fraction(found, data_dir, val_frac, test_frac)
 
 
 def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
                    test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
-                   skip_bad=False, force=False, progress=True):
+                   skip_bad=False, force=False, progress=True, crop="squeeze", time_split=None,
+                   test_length=None):
     """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
     [skipped files]).
 
     Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
     folder (searched recursively) by `split_by` (a regex on file names, see
     `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
-    neither, everything goes to train. Every `every`-th frame is kept, at most
-    `max_frames` per video, each resized by the rule of `_fit`.
+    neither, everything goes to train. Or, alone, `time_split` F: every video's first F of
+    its frames go to train, the rest to test in videos of `test_length` frames
+    (`_time_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each
+    cut by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
+    Each file is decoded once; its videos are written in file order.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
-    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
-        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
-                        f"{every}, {max_frames} and {image_size}")
-    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
-    if split_dirs:
-        if split_by or val_groups or test_groups or val_frac or test_frac:
-            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
-                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
-        files = {s: _video_files(data_dir / s) for s in split_dirs}
-        for split, found in files.items():
-            if not found:
-                raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in "
-                                f"{data_dir / split}; add videos or remove the folder")
-    else:
-        found = _video_files(data_dir)
-        if not found:
-            raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {data_dir} or "
-                            f"its subfolders; pass the folder that holds the videos")
-        if split_by:
-            if val_frac or test_frac:
-                raise DataError("--split_by and --val_frac/--test_frac both split the files; "
-                                "pass one of them")
-            files = _split_by_regex(found, split_by, val_groups, test_groups)
-        elif val_groups or test_groups:
-            raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
-                            "file's group")
-        else:
-            files = _split_by_fraction(found, data_dir, val_frac, test_frac)
+    _check_video_options(image_size, every, max_frames, crop, time_split, test_length)
+    files = _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups,
+                         time_split)
     _av()  # fail now, not at the first file, when PyAV is missing
-
-    skipped = []
-    splits = {name: _VideoFiles(name, group, lambda p: _decode(p, image_size, every, max_frames),
-                                skip_bad, skipped)
-              for name, group in files.items()}
-    write_videos(out, splits, force, progress, attrs={"kind": "videos"})
-    counts = {name: len(group) - sum(str(p) in skipped for p in group)
-              for name, group in files.items()}
+    attrs = {"kind": "videos", "crop": crop}
+    if time_split is not None:
+        attrs.update(time_split=time_split, test_length=test_length or 0)
+    skipped, decoded, writers = [], dict.fromkeys(files, 0), {}
+    jobs = [(split, path) for split, group in files.items() for path in group]
+    with _new_file(out, force, attrs) as f:
+        for split, path in tqdm(jobs, desc="converting", unit="file", disable=not progress):
+            try:
+                windows = _decode(path, image_size, every, max_frames, crop)
+            except _BadVideo as e:
+                if not skip_bad:
+                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
+                skipped.append(str(path))
+                continue
+            decoded[split] += 1
+            pieces = ([(split, w) for w in windows] if time_split is None else
+                      _time_pieces(windows, time_split, test_length))
+            for name, video in pieces:
+                if name not in writers:
+                    writers[name] = _SplitWriter(f, name)
+                writers[name].add(video)
+        for split, count in decoded.items():
+            if not count:
+                raise DataError(f"none of the {len(files[split])} files of split '{split}' "
+                                f"could be decoded; check the files")
+        for name in ("train", "test") if time_split is not None else ():
+            if name not in writers:
+                raise DataError(f"no video has frames enough for a {name} video with "
+                                f"--time_split {time_split:g} and --test_length {test_length}; "
+                                f"use longer videos or a lower --test_length")
+        counts = {name: len(w.lengths) for name, w in writers.items()}
     return counts, skipped
 
 
@@ -817,7 +874,7 @@ def read_clip(path, image_size, channels=3):
     if path.suffix.lower() == ".npy":
         return _npy_clip(path, image_size)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
-        return _decode(path, image_size)
+        return _decode(path, image_size)[0]
     raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
                     f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
 
@@ -1195,9 +1252,14 @@ def _parser():
         description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
 
 Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
-Frames: every --every-th frame from the first, at most --max_frames per video; each frame is
-resized to image_size x image_size RGB as in the `frames` subcommand (LANCZOS, the whole frame:
-no crop, aspect ratio not kept); a phone's display rotation is applied first.
+Frames: every --every-th frame from the first, at most --max_frames per video; a phone's
+display rotation is applied, then --crop cuts the frame and each cut is resized to
+image_size x image_size RGB (LANCZOS, as the `frames` subcommand resizes):
+  --crop squeeze  (default, as the official converter) the whole frame, aspect ratio not kept
+  --crop center   the central square
+  --crop tiles    the ceil(long/short) squares of the short side that cover the long side,
+                  spread evenly from end to end (a 16:9 video gives 2, overlapping); each
+                  tile is stored as its own video: more videos, no distortion
 
 Splits, one of:
   DIR/train/, DIR/val/, DIR/test/ folders    each folder's videos form that split
@@ -1211,6 +1273,12 @@ Splits, one of:
   --val_frac F --test_frac F
                   that fraction of the files, picked by a hash of each file's path below DIR
                   (deterministic, mixes subfolders), goes to val / test
+  --time_split F [--test_length N]
+                  split every video in TIME, for a few long videos that cannot be split by
+                  file: its first F * T kept frames (rounded) go to train (one video per file
+                  and tile), the rest to test, cut into consecutive videos of N frames (the
+                  end shorter than N dropped; without N, the rest as one video). No frame is
+                  in both. Takes a flat folder and none of the options above.
   none of these   every video goes to train
 
 A file that cannot be decoded stops the conversion with its name (nothing is written), or is
@@ -1225,6 +1293,13 @@ skipped and counted with --skip-bad. The output is written atomically.""")
     _flag(p, "val_groups", metavar="G", help="group ids for val, e.g. 15,16")
     _flag(p, "val_frac", type=float, default=0.0, help="fraction of files for val (default 0)")
     _flag(p, "test_frac", type=float, default=0.0, help="fraction for test (default 0)")
+    _flag(p, "crop", default="squeeze", choices=CROPS,
+          help="squeeze (default: whole frame), center (central square) or tiles (squares "
+          "covering the long side, each its own video)")
+    _flag(p, "time_split", type=float, metavar="F",
+          help="first F of every video's frames to train, the rest to test")
+    _flag(p, "test_length", type=int, metavar="N",
+          help="with --time_split: cut the test part into videos of N frames")
     _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
@@ -1289,7 +1364,8 @@ def main(argv=None):
             counts, skipped = convert_videos(
                 args.data_dir, args.out, args.image_size, args.every, args.max_frames,
                 args.val_frac, args.test_frac, args.split_by, args.val_groups,
-                args.test_groups, args.skip_bad, args.force)
+                args.test_groups, args.skip_bad, args.force, crop=args.crop,
+                time_split=args.time_split, test_length=args.test_length)
             print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                   + " videos")
             if skipped:
