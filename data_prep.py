@@ -813,9 +813,8 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
     files = _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups,
                          time_split)
     _av()  # fail now, not at the first file, when PyAV is missing
-    attrs = {"kind": "videos", "crop": crop}
-    if time_split is not None:
-        attrs.update(time_split=time_split, test_length=test_length or 0)
+    given = {"time_split": time_split, "test_length": test_length}
+    attrs = {"kind": "videos", "crop": crop, **{k: v for k, v in given.items() if v is not None}}
     skipped, decoded, writers = [], dict.fromkeys(files, 0), {}
     jobs = [(split, path) for split, group in files.items() for path in group]
     with _new_file(out, force, attrs) as f:
