@@ -2,7 +2,7 @@
 
 One command line with five subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
-    videos     video files (.mp4 .avi .mkv .webm .mov .gif), split by folder/name/fraction -> HDF5
+    videos     video files (.mp4 .avi ...; --crop), split by folder/name/fraction/time  -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
     synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
@@ -26,7 +26,8 @@ returned whatever split is asked for (train and test are then the SAME videos) a
 `splits_in` reports it as ['plain'].
 
 Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
-Resizing: every reader resizes the whole frame to a square with LANCZOS, no crop (`_fit`).
+Resizing: every reader resizes the whole frame to a square with LANCZOS (`_fit`); `videos
+--crop` cuts square windows first.
 Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
 This module owns the format; it never imports river.py (river.py imports it).
 """
@@ -36,6 +37,7 @@ import bisect
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -58,35 +60,81 @@ class DataError(ValueError):
 def write_videos(out, splits, force=False, progress=True, attrs=None, memory=None):
     """Write {split name: iterable of uint8 (T, H, W, C) videos} to the HDF5 file `out`.
 
-    Atomic: the file is built as `out.tmp-<pid>` in the same directory and renamed onto
-    `out` only when complete; on any exception the temporary file is removed. Videos are
-    consumed lazily, so a generator keeps memory at one video.
-    `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info` shows them).
-    `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
+    Atomic (see `_new_file`). Videos are consumed lazily, so a generator keeps memory at one
+    video. `attrs`: {name: value} stored on the file's root (e.g. kind='occluder'; `info`
+    shows them). `memory`: {split: sequence of bool (T,) arrays, one per video}, stored as
     /memory/<split>/<i> (see `memory_flags`); each must match its video's length.
     """
-    out = Path(out)
     if not splits:
         raise DataError(f"nothing to write to {out}: no splits given")
+    with _new_file(out, force, attrs) as f:
+        for name, videos in splits.items():
+            split = _SplitWriter(f, name)
+            total = len(videos) if hasattr(videos, "__len__") else None
+            for video in tqdm(videos, desc=f"writing {name}", total=total, unit="video",
+                              disable=not progress):
+                split.add(video)
+            split.finish()
+        for name, flags in (memory or {}).items():
+            _write_memory(f, name, flags)
+
+
+def _check_out(out, force):
+    """Fail before any work when `out` cannot be written."""
+    out = Path(out)
     if out.is_dir():
         raise DataError(f"{out} is a directory; pass a file path such as {out / 'data.h5'}")
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise DataError(f"output directory {out.parent} does not exist; create it first")
+
+
+@contextmanager
+def _new_file(out, force, attrs=None):
+    """An HDF5 file open for writing that becomes `out` only when the block completes: it is
+    built as `out.tmp-<pid>` in the same directory and renamed onto `out`; on any exception
+    the temporary file is removed and `out` is left as it was."""
+    _check_out(out, force)
+    out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         # the 1.10 file format stores a small dataset in ~1/5 of the bytes of the 1.8 default
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs.update(attrs or {})
-            for name, videos in splits.items():
-                _write_split(f.create_group(name), name, videos, progress)
-            for name, flags in (memory or {}).items():
-                _write_memory(f, name, flags)
+            yield f
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _SplitWriter:
+    """Appends videos to one split of an open file, in the official layout."""
+
+    def __init__(self, f, name):
+        self.name, self.group, self.shape = name, f.create_group(name), None
+        self.lengths = self.group.create_group("len")
+
+    def add(self, video):
+        video, i = np.asarray(video), len(self.lengths)
+        if video.dtype != np.uint8 or video.ndim != 4:
+            raise DataError(f"split '{self.name}' video {i}: got {video.dtype} array of shape "
+                            f"{video.shape}; videos must be uint8 (T, H, W, C)")
+        self.shape = self.shape or video.shape[1:]
+        if video.shape[1:] != self.shape:
+            raise DataError(f"split '{self.name}': video {i} has frames {video.shape[1:]} but "
+                            f"video 0 has {self.shape}; resize all videos to one resolution")
+        frames = self.group.create_group(str(i))
+        for t, frame in enumerate(video):
+            # one chunk per frame: frames are always read whole
+            frames.create_dataset(str(t), data=frame, chunks=self.shape, compression="lzf")
+        self.lengths.create_dataset(str(i), data=len(video))
+
+    def finish(self):
+        if not len(self.lengths):
+            raise DataError(f"split '{self.name}' has no videos; add videos or leave the split "
+                            f"out")
 
 
 def _write_memory(f, split, flags):
@@ -104,30 +152,6 @@ def _write_memory(f, split, flags):
             raise DataError(f"split '{split}' video {i}: memory flags of shape {flag.shape} "
                             f"for {int(lengths[str(i)][()])} frames; pass one flag per frame")
         group.create_dataset(str(i), data=flag)
-
-
-def _write_split(group, name, videos, progress):
-    """Write one split in the official layout into `group`."""
-    lengths = group.create_group("len")
-    total = len(videos) if hasattr(videos, "__len__") else None
-    shape = None
-    for i, video in enumerate(tqdm(videos, desc=f"writing {name}", total=total,
-                                   unit="video", disable=not progress)):
-        video = np.asarray(video)
-        if video.dtype != np.uint8 or video.ndim != 4:
-            raise DataError(f"split '{name}' video {i}: got {video.dtype} array of shape "
-                            f"{video.shape}; videos must be uint8 (T, H, W, C)")
-        shape = shape or video.shape[1:]
-        if video.shape[1:] != shape:
-            raise DataError(f"split '{name}': video {i} has frames {video.shape[1:]} but "
-                            f"video 0 has {shape}; resize all videos to one resolution")
-        frames = group.create_group(str(i))
-        for t, frame in enumerate(video):
-            # one chunk per frame: frames are always read whole
-            frames.create_dataset(str(t), data=frame, chunks=shape, compression="lzf")
-        lengths.create_dataset(str(i), data=len(video))
-    if shape is None:
-        raise DataError(f"split '{name}' has no videos; add videos or leave the split out")
 
 
 class _LazyVideos:
@@ -153,7 +177,7 @@ def _shard_paths(path):
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.suffix in (".h5", ".hdf5"))
         if not shards:
-            raise DataError(f"{path} holds no *.h5 or *.hdf5 files; pass a video file or a "
+            raise DataError(f"{path} holds no *.h5 or *.hdf5 files; pass an HDF5 file or a "
                             f"directory of shards")
         return shards
     if not path.exists():
@@ -193,8 +217,12 @@ def _split_group(f, path, split):
     if have:
         raise DataError(f"{path}: split '{split}' not in file; it has: {', '.join(have)}; "
                         f"ask for one of those")
-    raise DataError(f"{path}: no 'len' group and no split groups ({', '.join(SPLITS)}); not a "
-                    f"RIVER video file: convert the data with data_prep.py")
+    raise _not_river(path, f"no 'len' group and no split groups ({', '.join(SPLITS)})")
+
+
+def _not_river(where, what):
+    return DataError(f"{where}: {what}; not a RIVER video file: convert the data with "
+                     f"data_prep.py")
 
 
 def splits_in(path):
@@ -207,16 +235,14 @@ def splits_in(path):
             return [PLAIN]
         names = _split_names(f)
     if not names:
-        raise DataError(f"{path0}: no 'len' group and no split groups ({', '.join(SPLITS)}); "
-                        f"not a RIVER video file: convert the data with data_prep.py")
+        raise _not_river(path0, f"no 'len' group and no split groups ({', '.join(SPLITS)})")
     return names
 
 
 def _scan(group, where):
     """Validate one official-layout group; return (lengths, frame shape of each video)."""
     if "len" not in group:
-        raise DataError(f"{where}: no 'len' group; not a RIVER video file: convert the data "
-                        f"with data_prep.py")
+        raise _not_river(where, "no 'len' group")
     lens, keys = group["len"], set(group.keys())
     lengths, shapes = [], []
     for i in range(len(lens)):
@@ -338,19 +364,21 @@ def _common_shape(shapes, path, split):
 
 def memory_flags(path, split="train"):
     """Per-frame memory flags of one split: a list with one bool (T,) array per video, in
-    video order. True marks a frame whose content the last two frames do not determine and
-    one older frame does (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
-    path0 = _shard_paths(path)[0]
-    with _open(path0) as f:
-        group = f.get(MEMORY)
-        if not isinstance(group, h5py.Group):
-            raise DataError(f"{path0} has no memory flags; only `data_prep.py synthetic --kind "
-                            f"occluder` writes them")
-        if split not in group:
-            raise DataError(f"{path0}: no memory flags for split '{split}'; it has them for: "
-                            f"{', '.join(group)}")
-        flags = group[split]
-        return [flags[str(i)][()].astype(bool) for i in range(len(flags))]
+    video order, the videos of every shard in turn (as `VideoStore` numbers them). True marks
+    a frame whose content the last two frames do not determine and one older frame does
+    (written by `synthetic --kind occluder`; see `occluded_blocks`)."""
+    flags = []
+    for shard in _shard_paths(path):
+        with _open(shard) as f:
+            group = f.get(MEMORY)
+            if not isinstance(group, h5py.Group):
+                raise DataError(f"{shard} has no memory flags; only `data_prep.py synthetic "
+                                f"--kind occluder` writes them")
+            if split not in group:
+                raise DataError(f"{shard}: no memory flags for split '{split}'; it has them for: "
+                                f"{', '.join(group)}")
+            flags += [group[split][str(i)][()].astype(bool) for i in range(len(group[split]))]
+    return flags
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,26 +390,27 @@ def _natural_key(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _fit(image, size, mode="RGB"):
+def _fit(image, size):
     """The one resize rule of every reader (frames, npy, videos, read_clip): a PIL image
-    -> uint8 (size, size) array in `mode` ('RGB' or 'L'). The WHOLE frame is resized to a
-    square, as the official converter does: no crop, so the aspect ratio is not kept."""
+    -> uint8 (size, size, 3) RGB array. The WHOLE image is resized to a square, as the
+    official converter does, so the aspect ratio is not kept (`videos --crop` cuts a square
+    window first)."""
     from PIL import Image
 
-    image = image.convert(mode)  # first: palette and 16-bit images must not be resampled raw
+    image = image.convert("RGB")  # first: palette and 16-bit images must not be resampled raw
     if image.size != (size, size):
         # LANCZOS low-passes before subsampling, so downsizing does not alias
         image = image.resize((size, size), Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _load_image(path, size, mode="RGB"):
-    """One image file as uint8 (size, size, 3) RGB, or (size, size) for mode 'L'."""
+def _load_image(path, size):
+    """One image file as uint8 (size, size, 3) RGB."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return _fit(image, size, mode)
+            return _fit(image, size)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
@@ -447,16 +476,25 @@ def _uint8_converter(array):
                     f"(0..255) or float in [0, 1]")
 
 
+def _rgb(video):
+    """uint8 (..., C) with C = 1 (gray, replicated), 3, or 4 (RGBA, alpha dropped) -> RGB."""
+    return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video[..., :3]
+
+
 def _resize_video(video, size):
-    """uint8 (T, H, W, C), C = 1 or 3 -> (T, size, size, C) by the rule of `_fit`."""
+    """uint8 RGB (T, H, W, 3) -> (T, size, size, 3) by the rule of `_fit`."""
     from PIL import Image
 
     if video.shape[1:3] == (size, size):
         return video
-    gray = video.shape[-1] == 1
-    frames = [_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, "L" if gray else "RGB")
-              for f in video]
-    return np.stack(frames).reshape(len(video), size, size, -1)
+    return np.stack([_fit(Image.fromarray(frame), size) for frame in video])
+
+
+def _load_npy(path, mmap_mode=None):
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
 
 
 def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=0.0,
@@ -466,10 +504,7 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
     All videos go to `split`, except that `val_frac` / `test_frac` of them (the LAST ones,
     in file order, so the result is reproducible) go to 'val' / 'test'.
     """
-    try:
-        array = np.load(input, mmap_mode="r")  # memory-mapped: large files stream
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load {input} as .npy ({e}); pass a file saved by numpy.save")
+    array = _load_npy(input, mmap_mode="r")  # memory-mapped: large files stream
     layout = layout or DEFAULT_LAYOUT.get(array.ndim)
     if layout is None:
         raise DataError(f"{input} has shape {array.shape}; expected 4-D or 5-D videos: pass "
@@ -481,9 +516,8 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
     to_uint8 = _uint8_converter(array)
 
     def load(n):
-        video = to_uint8(videos[n])
-        video = _resize_video(video, image_size) if image_size else video
-        return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+        video = _rgb(to_uint8(videos[n]))
+        return _resize_video(video, image_size) if image_size else video
 
     write_videos(out, _fraction_splits(len(videos), split, val_frac, test_frac, load),
                  force, progress)
@@ -551,11 +585,33 @@ def _upright(frame):
     return image.transpose(turn) if turn is not None else image
 
 
-def _decode(path, size, every=1, max_frames=None, mode="RGB"):
-    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each fitted by
-    `_fit`, as uint8 (T, size, size, 3), or (T, size, size) for mode 'L'."""
+CROPS = ("squeeze", "center", "tiles")
+
+
+def _windows(width, height, crop):
+    """The boxes (left, top, right, bottom) that `crop` cuts from a width x height frame.
+    squeeze: the whole frame (`_fit` squeezes it to a square, as the official converter does);
+    center: the central square; tiles: ceil(long / short) squares of the short side spread
+    evenly along the long side, the first at one end and the last at the other (they overlap
+    unless the long side is a multiple of the short one), in order from left or top."""
+    if crop == "squeeze":
+        return [(0, 0, width, height)]
+    side, spare = min(width, height), abs(width - height)
+    if crop == "center":
+        offsets = [spare // 2]
+    else:
+        count = -(-max(width, height) // side)  # ceil
+        offsets = [round(k * spare / max(count - 1, 1)) for k in range(count)]
+    return [(o, 0, o + side, side) if width > height else (0, o, side, o + side)
+            for o in offsets]
+
+
+def _decode(path, size, every=1, max_frames=None, crop="squeeze"):
+    """Frames 0, every, 2*every, ... (at most max_frames) of a video file, each cut into
+    the windows of `crop` (`_windows`) and fitted by `_fit`: uint8 (K, T, size, size, 3),
+    one video per window (K = 1 but for tiles)."""
     av = _av()
-    frames = []
+    frames, boxes = [], None
     try:
         with av.open(str(path)) as container:
             streams = container.streams.video
@@ -565,7 +621,10 @@ def _decode(path, size, every=1, max_frames=None, mode="RGB"):
                     if max_frames is not None and len(frames) >= max_frames:
                         break  # the rest of a long video is not needed: stop decoding
                     if t % every == 0:
-                        frames.append(_fit(_upright(frame), size, mode))
+                        image = _upright(frame)
+                        boxes = boxes or _windows(*image.size, crop)
+                        frames.append([_fit(image if box == (0, 0, *image.size) else
+                                            image.crop(box), size) for box in boxes])
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's text, without the path
         raise _BadVideo(f"cannot decode {path} ({reason}); the file is damaged or not a video: "
@@ -574,7 +633,7 @@ def _decode(path, size, every=1, max_frames=None, mode="RGB"):
         raise _BadVideo(f"{path} has no video stream; remove it or pass a video file")
     if not frames:
         raise _BadVideo(f"{path} decodes to no frames; re-encode or remove it")
-    return np.stack(frames)
+    return np.stack(frames, axis=1)  # (T, K, ...) -> (K, T, size, size, 3)
 
 
 def _natural_path_key(path, root):
@@ -582,12 +641,15 @@ def _natural_path_key(path, root):
     return [_natural_key(Path(part)) for part in path.relative_to(root).parts]
 
 
-def _video_files(folder):
-    """Video files anywhere below `folder`, in natural path order. Hidden files are left
-    out: macOS writes `._name.mp4` companions that are not videos."""
+def _video_files(folder, where, fix):
+    """Video files anywhere below `folder`, in natural path order; none is an error (in
+    `where`, saying `fix`). Hidden files are left out: macOS writes `._name.mp4` companions
+    that are not videos."""
     files = [p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
              and p.is_file() and not any(part.startswith(".") for part in
                                          p.relative_to(folder).parts)]
+    if not files:
+        raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {where}; {fix}")
     return sorted(files, key=lambda p: _natural_path_key(p, folder))
 
 
@@ -673,141 +735,158 @@ def _split_by_fraction(files, root, val_frac, test_frac):
     return {name: videos for name, videos in splits.items() if videos}
 
 
-class _VideoFiles:
-    """One split's video files, decoded as the writer reaches them (the writer's progress
-    bar counts files). With skip_bad, a file that fails to decode is left out and recorded
-    in `skipped`; otherwise its error stops the conversion."""
+def _time_pieces(windows, fraction, length):
+    """(split, video) pairs of one decoded file (K, T, ...) split in time: the first
+    fraction * T frames (rounded half up) go to train, one video per window; the rest to
+    test, cut into consecutive videos of `length` frames (None: the whole rest), a shorter
+    end left out."""
+    frames = windows.shape[1]
+    cut = int(fraction * frames + 0.5)
+    length = length or frames - cut
+    train = [("train", w[:cut]) for w in windows] if cut else []
+    starts = range(cut, frames - length + 1, length) if length else []
+    return train + [("test", w[a:a + length]) for w in windows for a in starts]
 
-    def __init__(self, name, files, load, skip_bad, skipped):
-        self.name, self.files, self.load = name, files, load
-        self.skip_bad, self.skipped = skip_bad, skipped
 
-    def __len__(self):
-        return len(self.files)
+def _check_video_options(image_size, every, max_frames, crop, time_split, test_length):
+    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
+        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
+                        f"{every}, {max_frames} and {image_size}")
+    if crop not in CROPS:
+        raise DataError(f"unknown --crop {crop!r}; use one of {', '.join(CROPS)}")
+    if time_split is not None and not 0 < time_split < 1:
+        raise DataError(f"--time_split {time_split} must lie in (0, 1): the fraction of each "
+                        f"video's frames that goes to train")
+    if test_length is not None and (time_split is None or test_length < 1):
+        raise DataError(f"--test_length {test_length} cuts the test part of --time_split into "
+                        f"videos: pass --time_split too, and a length of at least 1")
 
-    def __iter__(self):
-        written = 0
-        for file in self.files:
-            try:
-                video = self.load(file)
-            except _BadVideo as e:
-                if not self.skip_bad:
-                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
-                self.skipped.append(str(file))
-                continue
-            written += 1
-            yield video
-        if not written:
-            raise DataError(f"none of the {len(self.files)} files of split '{self.name}' could "
-                            f"be decoded; check the files")
+
+def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups, time_split):
+    """{split: files}: by split folders, --split_by, fractions, or all in train (time split
+    too: every file goes to both splits, each in part)."""
+    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
+    file_split = split_by or val_groups or test_groups or val_frac or test_frac
+    if time_split is not None and (split_dirs or file_split):
+        raise DataError(f"--time_split splits every video in time, so it takes no other split: "
+                        f"drop the split folders of {data_dir} and --split_by/--*_groups/"
+                        f"--*_frac")
+    if split_dirs:
+        if file_split:
+            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
+                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
+        return {s: _video_files(data_dir / s, data_dir / s, "add videos or remove the folder")
+                for s in split_dirs}
+    found = _video_files(data_dir, f"{data_dir} or its subfolders",
+                         "pass the folder that holds the videos")
+    if split_by:
+        if val_frac or test_frac:
+            raise DataError("--split_by and --val_frac/--test_frac both split the files; "
+                            "pass one of them")
+        return _split_by_regex(found, split_by, val_groups, test_groups)
+    if val_groups or test_groups:
+        raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
+                        "file's group")
+    return _split_by_fraction(found, data_dir, val_frac, test_frac)
 
 
 def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
                    test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
-                   skip_bad=False, force=False, progress=True):
+                   skip_bad=False, force=False, progress=True, crop="squeeze", time_split=None,
+                   test_length=None):
     """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
     [skipped files]).
 
     Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
     folder (searched recursively) by `split_by` (a regex on file names, see
     `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
-    neither, everything goes to train. Every `every`-th frame is kept, at most
-    `max_frames` per video, each resized by the rule of `_fit`.
+    neither, everything goes to train. Or, alone, `time_split` F: every video's first F of
+    its frames go to train, the rest to test in videos of `test_length` frames
+    (`_time_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each
+    cut by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
+    Each file is decoded once; its videos are written in file order.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
-    if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
-        raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
-                        f"{every}, {max_frames} and {image_size}")
-    split_dirs = [s for s in SPLITS if (data_dir / s).is_dir()]
-    if split_dirs:
-        if split_by or val_groups or test_groups or val_frac or test_frac:
-            raise DataError(f"{data_dir} has split folders ({', '.join(split_dirs)}), which fix "
-                            f"the splits; drop --split_by/--*_groups/--*_frac or use a flat folder")
-        files = {s: _video_files(data_dir / s) for s in split_dirs}
-        for split, found in files.items():
-            if not found:
-                raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in "
-                                f"{data_dir / split}; add videos or remove the folder")
-    else:
-        found = _video_files(data_dir)
-        if not found:
-            raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {data_dir} or "
-                            f"its subfolders; pass the folder that holds the videos")
-        if split_by:
-            if val_frac or test_frac:
-                raise DataError("--split_by and --val_frac/--test_frac both split the files; "
-                                "pass one of them")
-            files = _split_by_regex(found, split_by, val_groups, test_groups)
-        elif val_groups or test_groups:
-            raise DataError("--val_groups/--test_groups need --split_by REGEX to find each "
-                            "file's group")
-        else:
-            files = _split_by_fraction(found, data_dir, val_frac, test_frac)
+    _check_video_options(image_size, every, max_frames, crop, time_split, test_length)
+    files = _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups,
+                         time_split)
     _av()  # fail now, not at the first file, when PyAV is missing
-
-    skipped = []
-    splits = {name: _VideoFiles(name, group, lambda p: _decode(p, image_size, every, max_frames),
-                                skip_bad, skipped)
-              for name, group in files.items()}
-    write_videos(out, splits, force, progress, attrs={"kind": "videos"})
-    counts = {name: len(group) - sum(str(p) in skipped for p in group)
-              for name, group in files.items()}
+    given = {"time_split": time_split, "test_length": test_length}
+    attrs = {"kind": "videos", "crop": crop, **{k: v for k, v in given.items() if v is not None}}
+    skipped, decoded, writers = [], dict.fromkeys(files, 0), {}
+    jobs = [(split, path) for split, group in files.items() for path in group]
+    with _new_file(out, force, attrs) as f:
+        for split, path in tqdm(jobs, desc="converting", unit="file", disable=not progress):
+            try:
+                windows = _decode(path, image_size, every, max_frames, crop)
+            except _BadVideo as e:
+                if not skip_bad:
+                    raise _BadVideo(f"{e}, or pass --skip-bad to skip such files") from None
+                skipped.append(str(path))
+                continue
+            decoded[split] += 1
+            pieces = ([(split, w) for w in windows] if time_split is None else
+                      _time_pieces(windows, time_split, test_length))
+            for name, video in pieces:
+                if name not in writers:
+                    writers[name] = _SplitWriter(f, name)
+                writers[name].add(video)
+        for split, count in decoded.items():
+            if not count:
+                raise DataError(f"none of the {len(files[split])} files of split '{split}' "
+                                f"could be decoded; check the files")
+        for name in ("train", "test") if time_split is not None else ():
+            if name not in writers:
+                raise DataError(f"no video has frames enough for a {name} video with "
+                                f"--time_split {time_split:g} and --test_length {test_length}; "
+                                f"use longer videos or a lower --test_length")
+        counts = {name: len(w.lengths) for name, w in writers.items()}
     return counts, skipped
 
 
 def read_clip(path, image_size, channels=3):
-    """ONE clip to predict from -> uint8 (T, image_size, image_size, channels).
+    """ONE clip to predict from -> uint8 RGB (T, image_size, image_size, 3).
 
     `path`: a folder of frame images (taken in natural name order: 2.png before 10.png),
     a .npy array (T, H, W) or (T, H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1],
     or a video file (.mp4, .avi, .mkv, .webm, .mov, .gif; needs PyAV). Frames are resized
     by the same rule as the `frames`, `npy` and `videos` subcommands (`_fit`), so a clip
-    looks like the training data. channels: 3 (RGB) or 1 (grayscale).
+    looks like the training data. `channels`: 3, the only value the format has (C = 3).
     """
-    if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if channels != 3:
+        raise DataError(f"frames are RGB (C = 3), got channels={channels}")
     if image_size < 1:
         raise DataError(f"image size must be at least 1, got {image_size}")
-    path, mode = Path(path), "RGB" if channels == 3 else "L"
+    path = Path(path)
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
                         and not p.name.startswith(".")), key=_natural_key)
         if not files:
             raise DataError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"pass a folder of frames, a .npy file or a video file")
-        frames = np.stack([_load_image(p, image_size, mode) for p in files])
-    elif not path.exists():
+        return np.stack([_load_image(p, image_size) for p in files])
+    if not path.exists():
         raise DataError(f"{path} does not exist; pass a folder of frames, a .npy file or a "
                         f"video file")
-    elif path.suffix.lower() == ".npy":
-        frames = _npy_clip(path, image_size, mode)
-    elif path.suffix.lower() in VIDEO_EXTENSIONS:
-        frames = _decode(path, image_size, mode=mode)
-    else:
-        raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
-                        f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
-    return frames.reshape(*frames.shape[:3], channels)
+    if path.suffix.lower() == ".npy":
+        return _npy_clip(path, image_size)
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return _decode(path, image_size)[0]
+    raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
+                    f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
 
 
-def _npy_clip(path, size, mode):
-    """A .npy clip (T, H, W[, C]) -> frames fitted by `_fit`, (T, size, size[, 3])."""
-    from PIL import Image
-
-    try:
-        array = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load {path} as .npy ({e}); pass a file saved by numpy.save")
+def _npy_clip(path, size):
+    """A .npy clip (T, H, W[, C]) -> RGB frames fitted by `_fit`, (T, size, size, 3)."""
+    array = _load_npy(path)
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not len(array):
         raise DataError(f"{path} has shape {array.shape}; a clip is (T, H, W) or (T, H, W, C) "
                         f"with C = 1, 3 or 4 and T >= 1")
-    array = _uint8_converter(array)(array)
-    gray = array.shape[-1] == 1
-    return np.stack([_fit(Image.fromarray(f.squeeze(-1) if gray else f), size, mode)
-                     for f in array])
+    return _resize_video(_rgb(_uint8_converter(array)(array)), size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -834,13 +913,9 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     radius (N, B), color (N, B, 3), active (N, B) bool; B = max_balls, and ball b of
     video n exists only where active[n, b] (videos have different ball counts).
     """
-    if not 1 <= max_balls <= len(PALETTE):
-        raise DataError(f"--max_balls {max_balls} out of range; use 1..{len(PALETTE)}")
+    _check_scene(num_videos, frames, size, max_balls, "--max_balls")
     if not 0 < speed <= 10:
         raise DataError(f"--speed {speed} out of range; use a factor in (0, 10], 1 = default")
-    if size < 16 or frames < 1 or num_videos < 1:
-        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
-                        f"frames {frames}, videos {num_videos}")
     rng = np.random.default_rng(seed)
     scale = size / 32
     active = np.arange(max_balls) < rng.integers(1, max_balls + 1, num_videos)[:, None]
@@ -849,8 +924,7 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     angle = rng.uniform(0, 2 * np.pi, (num_videos, max_balls))
     ball_speed = rng.uniform(*SPEED, (num_videos, max_balls)) * scale * speed * active
     vel = np.stack([np.cos(angle), np.sin(angle)], -1) * ball_speed[..., None]  # (N, B, 2)
-    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
-    color = PALETTE[palette_order[:, :max_balls]]                             # (N, B, 3)
+    color = _colors(rng, num_videos, max_balls)                               # (N, B, 3)
     # Equal masses share kinetic energy, so no ball can exceed sqrt(B) times the top speed.
     substeps = int(np.ceil(SPEED[1] * scale * speed * np.sqrt(max_balls) / MAX_STEP))
     pos, vel = _simulate(pos, vel, radius, active, frames, size, substeps)
@@ -858,24 +932,51 @@ def bouncing_balls(num_videos, frames, size, seed, max_balls=3, speed=1.0):
     return videos, dict(pos=pos, vel=vel, radius=radius, color=color, active=active)
 
 
-def _place_balls(rng, radius, active, size, gap=1.0, tries=1000):
-    """Random centres, balls fully inside the frame and at least `gap` px apart."""
-    num_videos, max_balls = radius.shape
-    pos = np.zeros((num_videos, max_balls, 2))
-    for b in range(max_balls):
+def _check_scene(num_videos, frames, size, count, flag):
+    """The sizes both synthetic kinds need; `count` objects (balls, blocks) per video at most."""
+    if not 1 <= count <= len(PALETTE):
+        raise DataError(f"{flag} {count} out of range; use 1..{len(PALETTE)}")
+    if size < 16 or frames < 1 or num_videos < 1:
+        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
+                        f"frames {frames}, videos {num_videos}")
+
+
+def _colors(rng, num_videos, count):
+    """(N, count, 3) float32: distinct palette colours per video."""
+    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
+    return PALETTE[palette_order[:, :count]]
+
+
+def _place(placed, active, propose, clash, what, size, tries=1000):
+    """Rejection sampling of B objects in N videos, object by object, into `placed`
+    (N, B, ...): `propose(todo, b)` -> where object b goes in the videos of mask `todo`;
+    `clash(placed, b)` -> (N, b) bool, object b overlaps an earlier one. Objects exist only
+    where active (N, B). Returns `placed`; `what` and `size` are for the error message."""
+    count = active.shape[1]
+    for b in range(count):
         todo = active[:, b].copy()
         for _ in range(tries):
             if not todo.any():
                 break
-            r = radius[todo, b, None]
-            pos[todo, b] = r + rng.random((todo.sum(), 2)) * (size - 2 * r)
-            apart = (np.linalg.norm(pos[:, b, None] - pos[:, :b], axis=-1)  # (N, b)
-                     - radius[:, b, None] - radius[:, :b])
-            todo = active[:, b] & ((apart < gap) & active[:, :b]).any(1)
+            placed[todo, b] = propose(todo, b)
+            todo = active[:, b] & (clash(placed, b) & active[:, :b]).any(1)
         if todo.any():
-            raise DataError(f"cannot place {max_balls} balls apart in {size}x{size} frames; "
-                            f"use a larger --size or a smaller --max_balls")
-    return pos
+            raise DataError(f"cannot place {count} {what} apart in {size}x{size} frames; use a "
+                            f"larger --size or fewer {what}")
+    return placed
+
+
+def _place_balls(rng, radius, active, size, gap=1.0):
+    """Random centres (N, B, 2), balls fully inside the frame and at least `gap` px apart."""
+    def propose(todo, b):
+        r = radius[todo, b, None]
+        return r + rng.random((todo.sum(), 2)) * (size - 2 * r)
+
+    def clash(pos, b):
+        apart = (np.linalg.norm(pos[:, b, None] - pos[:, :b], axis=-1)  # (N, b)
+                 - radius[:, b, None] - radius[:, :b])
+        return apart < gap
+    return _place(np.zeros((*active.shape, 2)), active, propose, clash, "balls", size)
 
 
 def _simulate(pos, vel, radius, active, frames, size, substeps):
@@ -974,11 +1075,7 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
     color (N, B, 3) uint8, active (N, B) bool (block b of video n exists), memory (N, T)
     bool; B = max_blocks.
     """
-    if not 1 <= max_blocks <= len(PALETTE):
-        raise DataError(f"max_blocks {max_blocks} out of range; use 1..{len(PALETTE)}")
-    if size < 16 or frames < 1 or num_videos < 1:
-        raise DataError(f"need --size >= 16, --frames >= 1 and --videos >= 1; got size {size}, "
-                        f"frames {frames}, videos {num_videos}")
+    _check_scene(num_videos, frames, size, max_blocks, "max_blocks")
     rng = np.random.default_rng(seed)
     cell = round(CELL * size / 32)
     cells = size // cell                                   # block columns
@@ -986,8 +1083,7 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
     height = rng.integers(round(BLOCK_HEIGHT[0] * size / 32),
                           round(BLOCK_HEIGHT[1] * size / 32) + 1, (num_videos, max_blocks))
     boxes = _place_blocks(rng, height, active, cell, cells, size)
-    palette_order = np.argsort(rng.random((num_videos, len(PALETTE))), axis=1)
-    color = PALETTE[palette_order[:, :max_blocks]].astype(np.uint8)
+    color = _colors(rng, num_videos, max_blocks).astype(np.uint8)
 
     # The bar's left edge steps one cell a frame between -(BAR_CELLS-1) and cells-1 (in
     # cells) and back: a triangle wave, so one cell of the bar is always in view and every
@@ -1007,28 +1103,21 @@ def occluded_blocks(num_videos, frames, size, seed, max_blocks=3):
                         active=active, memory=memory)
 
 
-def _place_blocks(rng, height, active, cell, cells, size, gap=1, tries=1000):
-    """Random boxes (x0, y0, x1, y1): one cell wide on the cell grid, at least `gap` px
-    apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
-    num_videos, max_blocks = height.shape
-    boxes = np.zeros((num_videos, max_blocks, 4), int)
-    for b in range(max_blocks):
-        todo = active[:, b].copy()
-        for _ in range(tries):
-            if not todo.any():
-                break
-            x0 = rng.integers(0, cells, todo.sum()) * cell
-            y0 = rng.integers(0, size - height[todo, b] + 1)
-            boxes[todo, b] = np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
-            low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
-            # a column apart, or in one column and `gap` rows apart
-            apart = (low[..., 0] != boxes[:, :b, 0]) | (
-                (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
-            todo = active[:, b] & (~apart & active[:, :b]).any(1)
-        if todo.any():
-            raise DataError(f"cannot place {max_blocks} blocks apart in {size}x{size} frames; "
-                            f"use a larger size or fewer blocks")
-    return boxes
+def _place_blocks(rng, height, active, cell, cells, size, gap=1):
+    """Random boxes (x0, y0, x1, y1), (N, B, 4): one cell wide on the cell grid, at least
+    `gap` px apart (blocks in one column stack with a gap; neighbouring columns never touch)."""
+    def propose(todo, b):
+        x0 = rng.integers(0, cells, todo.sum()) * cell
+        y0 = rng.integers(0, size - height[todo, b] + 1)
+        return np.stack([x0, y0, x0 + cell, y0 + height[todo, b]], axis=1)
+
+    def clash(boxes, b):
+        low, high = boxes[:, b, None, :2], boxes[:, b, None, 2:]          # (N, 1, 2)
+        # a column apart, or in one column and `gap` rows apart
+        apart = (low[..., 0] != boxes[:, :b, 0]) | (
+            (low[..., 1] >= boxes[:, :b, 3] + gap) | (boxes[:, :b, 1] >= high[..., 1] + gap))
+        return ~apart
+    return _place(np.zeros((*active.shape, 4), int), active, propose, clash, "blocks", size)
 
 
 def _paint_blocks(boxes, color, active, size):
@@ -1067,8 +1156,7 @@ def write_synthetic(out, videos=1000, frames=32, size=32, seed=0, max_balls=3, f
     """
     if kind not in SYNTHETIC_KINDS:
         raise DataError(f"unknown --kind {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
-    if Path(out).exists() and not force:  # fail before generating
-        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    _check_out(out, force)  # fail before generating
     if kind == "balls":
         clips, _ = bouncing_balls(videos, frames, size, seed, max_balls, speed)
         write_videos(out, _synthetic_splits(clips), force,
@@ -1118,9 +1206,9 @@ def info(path, file=None):
     with _open(shards[0]) as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         memory = f.get(MEMORY)
-        counts = {split: (sum(int(d[()].sum()) for d in memory[split].values()),
-                          sum(d.shape[0] for d in memory[split].values()))
-                  for split in (_ordered(memory) if isinstance(memory, h5py.Group) else [])}
+        flagged = _ordered(memory) if isinstance(memory, h5py.Group) else []
+    counts = {split: (sum(int(v.sum()) for v in flags), sum(len(v) for v in flags))
+              for split in flagged for flags in [memory_flags(path, split)]}
     if attrs:
         print("data: " + ", ".join(f"{k}={v}" for k, v in sorted(attrs.items())), file=file)
     if counts:
@@ -1163,9 +1251,14 @@ def _parser():
         description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
 
 Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
-Frames: every --every-th frame from the first, at most --max_frames per video; each frame is
-resized to image_size x image_size RGB as in the `frames` subcommand (LANCZOS, the whole frame:
-no crop, aspect ratio not kept); a phone's display rotation is applied first.
+Frames: every --every-th frame from the first, at most --max_frames per video; a phone's
+display rotation is applied, then --crop cuts the frame and each cut is resized to
+image_size x image_size RGB (LANCZOS, as the `frames` subcommand resizes):
+  --crop squeeze  (default, as the official converter) the whole frame, aspect ratio not kept
+  --crop center   the central square
+  --crop tiles    the ceil(long/short) squares of the short side that cover the long side,
+                  spread evenly from end to end (a 16:9 video gives 2, overlapping); each
+                  tile is stored as its own video: more videos, no distortion
 
 Splits, one of:
   DIR/train/, DIR/val/, DIR/test/ folders    each folder's videos form that split
@@ -1179,6 +1272,12 @@ Splits, one of:
   --val_frac F --test_frac F
                   that fraction of the files, picked by a hash of each file's path below DIR
                   (deterministic, mixes subfolders), goes to val / test
+  --time_split F [--test_length N]
+                  split every video in TIME, for a few long videos that cannot be split by
+                  file: its first F * T kept frames (rounded) go to train (one video per file
+                  and tile), the rest to test, cut into consecutive videos of N frames (the
+                  end shorter than N dropped; without N, the rest as one video). No frame is
+                  in both. Takes a flat folder and none of the options above.
   none of these   every video goes to train
 
 A file that cannot be decoded stops the conversion with its name (nothing is written), or is
@@ -1193,6 +1292,13 @@ skipped and counted with --skip-bad. The output is written atomically.""")
     _flag(p, "val_groups", metavar="G", help="group ids for val, e.g. 15,16")
     _flag(p, "val_frac", type=float, default=0.0, help="fraction of files for val (default 0)")
     _flag(p, "test_frac", type=float, default=0.0, help="fraction for test (default 0)")
+    _flag(p, "crop", default="squeeze", choices=CROPS,
+          help="squeeze (default: whole frame), center (central square) or tiles (squares "
+          "covering the long side, each its own video)")
+    _flag(p, "time_split", type=float, metavar="F",
+          help="first F of every video's frames to train, the rest to test")
+    _flag(p, "test_length", type=int, metavar="N",
+          help="with --time_split: cut the test part into videos of N frames")
     _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
@@ -1238,9 +1344,11 @@ seed.""")
           "0.25 for slowly changing videos)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
-    p = commands.add_parser("info", help="describe a video file",
-                            description="Per split: videos, frames per video, resolution, "
-                            "channels, dtype, uncompressed size; then the size on disk.")
+    p = commands.add_parser("info", help="describe an HDF5 file written by data_prep",
+                            description="Describe an HDF5 file (or a directory of shards): per "
+                            "split, videos, frames per video, resolution, channels, dtype, "
+                            "uncompressed size; then the size on disk, and the root attributes "
+                            "and memory flags when the file has them.")
     p.add_argument("path", help="an .h5 file or a directory of shards")
     return parser
 
@@ -1255,7 +1363,8 @@ def main(argv=None):
             counts, skipped = convert_videos(
                 args.data_dir, args.out, args.image_size, args.every, args.max_frames,
                 args.val_frac, args.test_frac, args.split_by, args.val_groups,
-                args.test_groups, args.skip_bad, args.force)
+                args.test_groups, args.skip_bad, args.force, crop=args.crop,
+                time_split=args.time_split, test_length=args.test_length)
             print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                   + " videos")
             if skipped:

@@ -542,6 +542,126 @@ def test_videos_fraction_split_is_deterministic(tmp_path, av):
         data_prep.convert_videos(tmp_path / "kth", tmp_path / "c.h5", 8, test_frac=0.01)
 
 
+def test_crop_windows():
+    windows = data_prep._windows
+    assert windows(768, 576, "squeeze") == [(0, 0, 768, 576)]
+    assert windows(768, 576, "center") == [(96, 0, 672, 576)]
+    assert windows(768, 576, "tiles") == [(0, 0, 576, 576), (192, 0, 768, 576)]
+    assert windows(250, 100, "tiles") == [(0, 0, 100, 100), (75, 0, 175, 100),
+                                          (150, 0, 250, 100)]
+    assert windows(200, 100, "tiles") == [(0, 0, 100, 100), (100, 0, 200, 100)]  # no overlap
+    assert windows(100, 250, "center") == [(0, 75, 100, 175)]                     # portrait
+    assert windows(100, 250, "tiles")[-1] == (0, 150, 100, 250)
+    assert windows(64, 64, "tiles") == windows(64, 64, "center") == [(0, 0, 64, 64)]
+
+
+def test_videos_crop_center_and_tiles_cut_the_right_windows(tmp_path, rng, av):
+    wide = rng.integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)   # (T, H, W, C), 40x24
+    tall = rng.integers(0, 256, (3, 40, 24, 3), dtype=np.uint8)   # 24x40
+    (tmp_path / "d").mkdir()
+    write_video(tmp_path / "d" / "a_wide.mkv", wide)
+    write_video(tmp_path / "d" / "b_tall.mkv", tall)
+
+    def convert(crop, size):
+        out = tmp_path / f"{crop}{size}.h5"
+        assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", size,
+                          "--crop", crop) == 0
+        return read_split(out, "train")
+
+    # at the short side, the windows' pixels as they are
+    center = convert("center", 24)
+    np.testing.assert_array_equal(center[0], wide[:, :, 8:32])
+    np.testing.assert_array_equal(center[1], tall[:, 8:32])
+    tiles = convert("tiles", 24)  # ceil(40 / 24) = 2 tiles per file, each its own video
+    assert len(tiles) == 4
+    for got, want in zip(tiles, [wide[:, :, :24], wide[:, :, 16:], tall[:, :24], tall[:, 16:]]):
+        np.testing.assert_array_equal(got, want)
+    # smaller: the window, then the one resize rule (LANCZOS)
+    def fitted(video, box):
+        return np.stack([np.asarray(Image.fromarray(f).crop(box).resize((12, 12), Image.LANCZOS))
+                         for f in video])
+    small = convert("tiles", 12)
+    np.testing.assert_array_equal(small[1], fitted(wide, (16, 0, 40, 24)))
+    np.testing.assert_array_equal(small[2], fitted(tall, (0, 0, 24, 24)))
+    with h5py.File(tmp_path / "tiles12.h5") as f:
+        assert f.attrs["crop"] == "tiles"
+
+
+def numbered_video(k, frames=20):
+    """Flat 8x16 frames that name their file k, frame t and half (tile): 10 + 100k + 4t
+    on the left half, one more on the right."""
+    video = np.empty((frames, 8, 16, 3), np.uint8)
+    for t in range(frames):
+        video[t, :, :8], video[t, :, 8:] = 10 + 100 * k + 4 * t, 11 + 100 * k + 4 * t
+    return video
+
+
+def frame_ids(videos):
+    """(file, tile, frame) of every frame of flat numbered videos."""
+    ids = []
+    for video in videos:
+        for frame in video:
+            assert (frame == frame[0, 0, 0]).all()
+            v = int(frame[0, 0, 0]) - 10
+            ids.append((v // 100, v % 4, v % 100 // 4))
+    return ids
+
+
+def test_videos_time_split_train_before_test_no_frame_in_both(tmp_path, av):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    write_video(tmp_path / "d" / "a.mkv", numbered_video(0))
+    write_video(tmp_path / "d" / "sub" / "b.mkv", numbered_video(1))
+    out = tmp_path / "t.h5"
+    assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 8,
+                      "--crop", "tiles", "--time_split", 0.75, "--test_length", 2) == 0
+    assert splits_in(out) == ["train", "test"]
+    train, test = read_split(out, "train"), read_split(out, "test")
+    # per file and tile: frames 0-14 in train; 15-16 and 17-18 in test, 19 left out
+    assert [len(v) for v in train] == [15] * 4 and [len(v) for v in test] == [2] * 8
+    assert frame_ids(train) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(15)]
+    assert frame_ids(test) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(15, 19)]
+    assert not set(frame_ids(train)) & set(frame_ids(test))
+    # without --test_length, the rest of each video is one test video; --every first
+    counts, _ = data_prep.convert_videos(tmp_path / "d", tmp_path / "u.h5", 8, every=2,
+                                         time_split=0.7, crop="tiles", progress=False)
+    assert counts == {"train": 4, "test": 4}
+    train, test = read_split(tmp_path / "u.h5", "train"), read_split(tmp_path / "u.h5", "test")
+    # 10 kept frames (0, 2, ..., 18): 7 to train, 3 to test
+    assert frame_ids(train) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(0, 14, 2)]
+    assert frame_ids(test) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in (14, 16, 18)]
+    with h5py.File(tmp_path / "u.h5") as f:
+        assert f.attrs["time_split"] == 0.7 and "test_length" not in f.attrs
+
+
+def test_videos_time_split_errors(tmp_path, av):
+    write_named(tmp_path / "d", ["a.mkv", "b.mkv", "c.mkv"], av)  # 2 frames each
+
+    def convert(**kwargs):
+        data_prep.convert_videos(tmp_path / "d", tmp_path / "o.h5", 8, progress=False,
+                                 **kwargs)
+
+    for others in (dict(test_frac=0.3), dict(val_frac=0.3), dict(split_by=r"(\w)\.",
+                                                                  test_groups="a")):
+        with pytest.raises(DataError, match="--time_split splits every video in time"):
+            convert(time_split=0.5, **others)
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(DataError, match="must lie in \\(0, 1\\)"):
+            convert(time_split=fraction)
+    with pytest.raises(DataError, match="pass --time_split too"):
+        convert(test_length=2)
+    with pytest.raises(DataError, match="a length of at least 1"):
+        convert(time_split=0.5, test_length=0)
+    with pytest.raises(DataError, match="frames enough for a test video"):
+        convert(time_split=0.5, test_length=2)
+    with pytest.raises(DataError, match="unknown --crop 'square'"):
+        convert(crop="square")
+    (tmp_path / "d" / "test").mkdir()
+    write_video(tmp_path / "d" / "test" / "t.mkv", flat_video(1))
+    with pytest.raises(DataError, match="drop the split folders"):
+        convert(time_split=0.5)
+    assert not (tmp_path / "o.h5").exists()
+
+
 def test_videos_corrupt_file_one_line_error_or_skipped(tmp_path, rng, av):
     data = tmp_path / "d"
     data.mkdir()
@@ -629,16 +749,19 @@ def test_read_clip_folder_npy_and_video(tmp_path, rng, av):
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.npy", 8), clip)
     write_video(tmp_path / "clip.mkv", video)
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "clip.mkv", 8), clip)
-    # grayscale (T, H, W): replicated for channels=3, kept for channels=1
+    # grayscale (T, H, W) and float in [0, 1]: replicated to RGB, as the format stores it
     gray = rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "gray.npy", gray)
     np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8),
                                   np.repeat(gray[..., None], 3, -1))
-    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "gray.npy", 8, channels=1),
-                                  gray[..., None])
     np.save(tmp_path / "float.npy", gray / 255.0)
-    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "float.npy", 8, 1),
-                                  gray[..., None])
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "float.npy", 8, 3),
+                                  np.repeat(gray[..., None], 3, -1))
+    # resized gray is the resized RGB copy, and RGBA drops its alpha
+    small = data_prep.read_clip(tmp_path / "gray.npy", 5)
+    assert small.shape == (4, 5, 5, 3) and (small == small[..., :1]).all()
+    np.save(tmp_path / "rgba.npy", np.concatenate([video, video[..., :1]], -1))
+    np.testing.assert_array_equal(data_prep.read_clip(tmp_path / "rgba.npy", 8), clip)
 
 
 def test_read_clip_errors(tmp_path):
@@ -653,8 +776,8 @@ def test_read_clip_errors(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 8, 8, 5), np.uint8))
     with pytest.raises(DataError, match=r"shape \(2, 8, 8, 5\)"):
         data_prep.read_clip(tmp_path / "bad.npy", 8)
-    with pytest.raises(DataError, match="channels must be 1 or 3"):
-        data_prep.read_clip(tmp_path / "bad.npy", 8, channels=4)
+    with pytest.raises(DataError, match=r"frames are RGB \(C = 3\), got channels=1"):
+        data_prep.read_clip(tmp_path / "bad.npy", 8, channels=1)
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "0.png").write_text("not a png")
     with pytest.raises(DataError, match="cannot read image .*0.png"):
@@ -822,3 +945,33 @@ def test_balls_speed_factor(tmp_path, capsys):
     assert main(["synthetic", "--kind", "occluder", "--out", str(out), "--speed", "0.5",
                  "--force"]) == 2
     assert "apply to --kind balls only" in capsys.readouterr().err
+
+
+def test_memory_flags_of_a_shard_directory(tmp_path, rng, capsys):
+    """Flags number the videos of every shard in turn, as VideoStore does (issue #25: only
+    the first shard was read, so evaluation's flags[i] raised IndexError past it)."""
+    shards, want = tmp_path / "shards", []
+    shards.mkdir()
+    for k, count in enumerate((2, 3)):
+        videos = random_videos(rng, count, frames=4)
+        flags = [rng.random(4) < 0.5 for _ in videos]
+        write_videos(shards / f"part{k}.h5", {"test": videos}, progress=False,
+                     memory={"test": flags})
+        want += flags
+    got = data_prep.memory_flags(shards, "test")
+    assert len(got) == len(VideoStore(shards, "test")) == 5
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    capsys.readouterr()
+    assert main(["info", str(shards)]) == 0
+    total = int(sum(w.sum() for w in want))
+    assert f"test {total} of 20" in capsys.readouterr().out
+
+
+def test_info_help_says_it_takes_an_hdf5_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "describe an HDF5 file" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    assert "a video file" not in capsys.readouterr().out

@@ -1,0 +1,129 @@
+"""river against copying the last frame on your own footage (a script, not a test).
+
+    python tests/bench_real.py DIR [--image_size 32|64] [--preset P] [--crop tiles|center]
+                               [--out FOLDER] [--ae-steps N] [--flow-steps N] [--batch-size N]
+
+Three steps, each a subprocess whose progress goes to stderr:
+1. data: every video below DIR cut into square crops (`data_prep.py videos --crop tiles`:
+   the squares that cover the long side, each its own video) and split in time: the first
+   75% of each video's frames to train, the last 25% to test, cut into 16-frame test clips
+   (`--time_split 0.75 --test_length 16`); written to OUT/<DIR name>-<size>.h5.
+2. training: `river.py train --preset real32` (real64 for --image_size 64) into
+   OUT/<DIR name>-<preset>, with --resume, so a rerun continues a stopped run and a finished
+   one only loads. --ae-steps, --flow-steps and --batch-size go to river as they are (a toy
+   budget for CI; the preset's otherwise).
+3. evaluation: `river.py eval --context 2 --frames 14 --videos 0` (every test clip).
+
+Then ONE JSON line on stdout: PSNR and SSIM of the model (mean over clips and frames), of
+copying the last context frame, and of the autoencoder's reconstruction of the same frames
+(the ceiling of any prediction decoded by it); the train videos and test clips; image size,
+preset, steps; the training seconds of each stage (from the run's metrics.jsonl, so they
+add up over reruns); the CPU. A rerun reuses the HDF5 file if it exists: use another --out,
+or delete the file, for other footage or other crops.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data_prep  # noqa: E402  (reads the HDF5 file; river itself runs in subprocesses)
+
+TRAIN_FRACTION = 0.75
+CONTEXT, FRAMES = 2, 14
+
+
+def run(*args):
+    """python ROOT/<script> args..., its output on our stderr; a failure ends the bench."""
+    command = [sys.executable, str(ROOT / args[0]), *map(str, args[1:])]
+    print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    code = subprocess.run(command, stdout=sys.stderr).returncode
+    if code:
+        sys.exit(f"bench_real: {args[0]} {args[1]} failed (exit {code}); see its error above")
+
+
+def stage_seconds(run_dir):
+    """Seconds of the training loop of each stage, from metrics.jsonl: each row covers the
+    steps since the previous row at its steps_per_s."""
+    seconds = {}
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for stage in ("ae", "flow"):
+        done, total = 0, 0.0
+        for row in sorted((r for r in rows if r.get("stage") == stage and "steps_per_s" in r),
+                          key=lambda r: r["step"]):
+            total += (row["step"] - done) / row["steps_per_s"]
+            done = row["step"]
+        seconds[stage] = round(total, 1)
+    return seconds
+
+
+def cpu_name():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return re.search(r"^model name\s*:\s*(.*)$", text, re.M).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", help="folder of video files (searched recursively)")
+    p.add_argument("--image_size", "--image-size", type=int, default=32, choices=(32, 64))
+    p.add_argument("--preset", help="river preset (default: real32 or real64, by image size)")
+    p.add_argument("--crop", default="tiles", choices=("tiles", "center"),
+                   help="square crops: tiles (default) or the center square")
+    p.add_argument("--out", default="runs/bench_real", help="folder for data and run")
+    p.add_argument("--ae-steps", type=int)
+    p.add_argument("--flow-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    args = p.parse_args(argv)
+    source, out = Path(args.dir), Path(args.out)
+    preset = args.preset or f"real{args.image_size}"
+    if not source.is_dir():
+        sys.exit(f"bench_real: {source} is not a folder of videos")
+    out.mkdir(parents=True, exist_ok=True)
+    name = source.resolve().name
+    data, run_dir = out / f"{name}-{args.image_size}.h5", out / f"{name}-{preset}"
+    tic = time.time()
+
+    if data.exists():
+        print(f"reusing {data}", file=sys.stderr)
+    else:
+        run("data_prep.py", "videos", "--data_dir", source, "--out", data, "--image_size",
+            args.image_size, "--crop", args.crop, "--time_split", TRAIN_FRACTION,
+            "--test_length", CONTEXT + FRAMES)
+    budget = [x for flag, value in (("--ae-steps", args.ae_steps),
+                                    ("--flow-steps", args.flow_steps),
+                                    ("--batch-size", args.batch_size))
+              if value is not None for x in (flag, value)]
+    run("river.py", "train", "--data", data, "--run", run_dir, "--preset", preset, "--resume",
+        *budget)
+    run("river.py", "eval", "--run", run_dir, "--data", data, "--context", CONTEXT,
+        "--frames", FRAMES, "--videos", 0)
+
+    result = json.loads((run_dir / "eval.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    with data_prep.VideoStore(data, "train") as train:
+        train_videos = len(train)
+
+    def scores(key):
+        return {m: round(result[key][m], 4) for m in ("psnr", "ssim")}
+    print(json.dumps({
+        "data": str(source), "image_size": args.image_size, "preset": preset, "crop": args.crop,
+        "train_videos": train_videos, "test_clips": result["protocol"]["videos"],
+        "model": scores("model_mean"), "copy_last": scores("copy_last"),
+        "autoencoder": scores("autoencoder"),
+        "steps": {"ae": config["ae_steps"], "flow": config["flow_steps"]},
+        "train_s": stage_seconds(run_dir), "wall_s": round(time.time() - tic, 1),
+        "cpu": cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
+
+
+if __name__ == "__main__":
+    main()
