@@ -164,7 +164,7 @@ class ClipDataset(torch.utils.data.Dataset):
     `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
     """
 
-    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30):
+    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30, notes=True):
         self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
         if isinstance(videos, (str, os.PathLike)):
             self.store = data_prep.VideoStore(videos, split)
@@ -178,7 +178,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
                              f"(longest has {max(lengths)}): pass a smaller --clip-frames or "
                              "--frame-skip, or use longer videos")
-        if self.skipped:
+        if self.skipped and notes:
             print(f"note: {self.skipped} of {len(lengths)} videos in split {split!r} are shorter "
                   f"than a clip ({self.span} frames) and are skipped", file=sys.stderr)
         self.lengths = [lengths[i] for i in self.keep]
@@ -1160,9 +1160,12 @@ def any_rank(flag):
     return bool(t.item())
 
 
-def gather_rng_states():
-    """Every rank's torch RNG state, collected on all ranks (saved so a resume is exact)."""
-    state = torch.get_rng_state()
+def gather_rng_states(device):
+    """Every rank's RNG states (the CPU generator's, and its CUDA device's on a GPU), collected
+    on all ranks: saved so that a resume draws what an uninterrupted run would have drawn."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     rank, world = dist_info()
     if world == 1:
         return [state]
@@ -1496,18 +1499,26 @@ def load_refiner(path, device="cpu", trust=False):
 # ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def sigint_flag():
-    """Ctrl-C appends to the yielded list instead of raising, so the loop can save first."""
-    flag = []
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(1))
+def stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (what `kill` and a cluster's scheduler send before they kill
+    a job) append their number to the yielded list instead of stopping the process, so the
+    loop can save first."""
+    flag, caught = [], (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _: flag.append(sig)) for sig in caught}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Stop(Exception):
-    """Raised after a checkpoint was saved because the user pressed Ctrl-C."""
+    """Raised after a checkpoint was saved because a stop signal came; code: 128 + its number,
+    the exit status a shell gives a process that signal ended."""
+
+    def __init__(self, message, code=130):
+        super().__init__(message)
+        self.code = code
 
 
 class Window:
@@ -1550,7 +1561,13 @@ def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
                      lr=lr * sched.lr_lambdas[0](sched.last_epoch))
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
-    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    if rank == 0:
+        print(f"{ckpt['stage']}: resuming at step {ckpt['step']}", flush=True)
+    state = ckpt["rng"][rank % len(ckpt["rng"])]
+    state = state if isinstance(state, dict) else {"cpu": state}  # older runs saved the CPU's
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
     return ckpt["step"], ckpt.get("bad_steps", 0)
 
 
@@ -1581,12 +1598,15 @@ def make_optimizer(model, lr, cfg, steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
 
 
-def show_progress(bar, row, steps, log_every, rank):
+def show_progress(bar, row, steps, log_every, rank, clock, every_s=30):
     """The bar's loss and speed; without a bar (no terminal: a log file, a job) a line about
-    every tenth of the stage instead, from rank 0."""
+    every tenth of the stage and at least every `every_s` seconds instead, from rank 0.
+    clock: {"printed": time of the last line}."""
     if not bar.disable:
         bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.1f}")
-    elif rank == 0 and row["step"] % max(log_every, steps // 10) < log_every:
+    elif rank == 0 and (row["step"] % max(log_every, steps // 10) < log_every
+                        or time.time() - clock["printed"] >= every_s):
+        clock["printed"] = time.time()
         print(f"{row['stage']} step {row['step']}/{steps}: loss {row['loss']:.4f}, "
               f"{row['steps_per_s']:.1f} steps/s", flush=True)
 
@@ -1614,15 +1634,15 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
         state = {"river": 1, "stage": stage, "step": step, "config": asdict(cfg),
                  "model": model.state_dict(), "ema": ema and ema.state_dict(),
                  "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "rng": gather_rng_states(), "bad_steps": bad_steps, **(extra or {})}
+                 "rng": gather_rng_states(device), "bad_steps": bad_steps, **(extra or {})}
         if rank == 0:
             save_atomic(state, path)
             log.plot()
 
     bar = trange(step, steps, initial=step, total=steps, desc=stage, disable=rank != 0 or None,
                  dynamic_ncols=True)
-    window = Window()
-    with sigint_flag() as interrupted, bar:
+    window, clock = Window(), {"printed": time.time()}
+    with stop_signals() as interrupted, bar:
         for step in bar:
             loss, stats, grad_norm = train_step(net, model, opt, loss_fn, batches, accum, device,
                                                 cfg.grad_clip, precision)
@@ -1642,13 +1662,14 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
                 if evaluate is not None and (done % (4 * log_every) == 0 or done == steps):
                     row.update(evaluate(model))
                 log.write(row)
-                show_progress(bar, row, steps, log_every, rank)
+                show_progress(bar, row, steps, log_every, rank, clock)
             stop = any_rank(bool(interrupted))
             if done % ckpt_every == 0 or done == steps or stop:
                 step = done
                 save()
             if stop:
-                raise Stop(f"interrupted: saved {path} at step {step}; continue with --resume")
+                raise Stop(f"interrupted: saved {path} at step {step}; continue with --resume",
+                           128 + (interrupted or [signal.SIGINT])[0])
     return ema if ema is not None else model
 
 
@@ -1741,11 +1762,14 @@ def endless(fn):
         yield fn()
 
 
-def pick_split(path, wanted):
-    """`wanted` if the file has it, else the first of val/test/train it has, with a note."""
+def pick_split(path, wanted, named=False):
+    """`wanted` if the file has it; else, unless the user named it (an error then), the first
+    of val/test/train it has, with a note."""
     splits = data_prep.splits_in(path)
     if wanted in splits or splits == ["plain"]:  # the plain layout is one split for every name
         return wanted
+    if named:
+        raise RiverError(f"{path} has no split {wanted!r}: pass --split {' or '.join(splits)}")
     other = next(s for s in ("val", "test", "train", *splits) if s in splits)
     print(f"note: {path} has no {wanted!r} split; using {other!r}")
     return other
@@ -2005,6 +2029,9 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
             cfg = replace(cfg, latent_stats=False)
         ae_state = autoencoder_state(ae, cfg, trust, ckpt)
     ckpts = check_run(run, cfg, stage, ae, resume, force, trust, ae_state)
+    # the data opens and has clips long enough, before the run directory changes
+    frames = cfg.clip_frames if "flow" in todo else 2 if "refine" in todo else 1
+    ClipDataset(data, frames, cfg.frame_skip, "train", cache_bytes=0, notes=False)
     device = setup_distributed(pick_device(device))
     rank, world = dist_info()
     torch.manual_seed(seed + rank)  # per-rank seeds: each rank draws its own batches
@@ -2047,13 +2074,14 @@ def eval_clips(data, split, context, frames, skip, videos, memory=False):
     return clips, torch.as_tensor(np.stack([flags[i][context * skip:span:skip] for i in picks]))
 
 
-def predictions(model, context, frames, batch, *sampler):
+def predictions(model, context, frames, batch, *sampler, past_horizon=-1):
     """One sample of `frames` frames after each clip of context (M, n, C, H, W), on the CPU:
-    {"model": (M, frames, C, H, W)}, and with a refiner "refined": the same sample refined."""
+    {"model": (M, frames, C, H, W)}, and with a refiner "refined": the same sample refined.
+    sampler: steps, warm_start, solver."""
     device, out = next(model.parameters()).device, {"model": [], "refined": []}
     for x in context.split(batch):
         x = x.to(device)
-        pred = model.generate_frames(x, frames, *sampler)[:, x.shape[1]:]
+        pred = model.generate_frames(x, frames, *sampler, past_horizon)[:, x.shape[1]:]
         out["model"].append(pred.cpu())
         if model.refiner is not None:
             out["refined"].append(model.refine(x[:, -1], pred).cpu())
@@ -2062,7 +2090,7 @@ def predictions(model, context, frames, batch, *sampler):
 
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver=None,
-             batch=64, seed=0, i3d=None, fvd_context=True, memory=None):
+             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1):
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
     Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
@@ -2078,8 +2106,8 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     truth, rows = clips[:, context:], torch.arange(M)  # (M, P, C, H, W): P predicted frames
     scores, fakes, tic = {}, {}, time.time()
     for _ in trange(samples, desc="samples", leave=False, disable=None):
-        for kind, pred in predictions(model, clips[:, :context], T - context, batch,
-                                      *sampler).items():
+        for kind, pred in predictions(model, clips[:, :context], T - context, batch, *sampler,
+                                      past_horizon=past_horizon).items():
             scores.setdefault(kind, []).append((psnr(pred, truth), ssim(pred, truth)))
             fakes.setdefault(kind, []).append(torch.cat([clips[:, :context], pred], 1)
                                               if fvd_context else pred)
@@ -2320,7 +2348,7 @@ def load_model(args, device):
 
 
 def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
-             seed=0, i3d=None, protocol=None):
+             seed=0, i3d=None, protocol=None, past_horizon=None):
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
@@ -2329,12 +2357,14 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
     clips, memory = eval_clips(data, split, context, frames, cfg.frame_skip, settings["videos"],
                                memory=True)
     result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
-                      seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory)
+                      seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory,
+                      past_horizon=past_horizon or -1)
     result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
                           "videos": len(clips), "context": context, "predicted": frames,
                           "frame_skip": cfg.frame_skip, "samples": settings["samples"],
                           "report": settings["report"], "fvd_context": settings["fvd_context"],
-                          "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver}
+                          "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver,
+                          "past_horizon": past_horizon}
     print_eval(result)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -2428,15 +2458,16 @@ def cmd_sample(args):
         # the frames after the context are the ground truth, if the clip has enough of them
         truth = clips[:, context:context + frames] if clips.shape[1] >= context + frames else None
     else:
-        clips = eval_clips(args.data, pick_split(args.data, args.split), context, frames,
-                           cfg.frame_skip, args.num)
+        split = pick_split(args.data, args.split or "test", named=bool(args.split))
+        clips = eval_clips(args.data, split, context, frames, cfg.frame_skip, args.num)
         truth = clips[:, context:]
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     with autocast(device, args.precision):
         write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
                           warm_start=args.warm_start, solver=args.solver, verbose=True,
-                          refine=args.refine or bool(args.refiner))
+                          refine=args.refine or bool(args.refiner),
+                          past_horizon=args.past_horizon or -1)
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -2447,9 +2478,10 @@ def cmd_eval(args):
     i3d = load_i3d(args.fvd_i3d, device) if args.fvd_i3d else None
     own_run = os.path.isdir(args.run) and not args.official
     out = args.out or os.path.join(args.run if own_run else ".", "eval")
+    split = pick_split(args.data, args.split or "test", named=bool(args.split))
     with autocast(device, args.precision):
-        return run_eval(model, args.data, pick_split(args.data, args.split), out, settings,
-                        args.steps, args.warm_start, args.solver, args.seed, i3d, args.protocol)
+        return run_eval(model, args.data, split, out, settings, args.steps, args.warm_start,
+                        args.solver, args.seed, i3d, args.protocol, args.past_horizon)
 
 
 def cmd_demo(args):
@@ -2582,12 +2614,15 @@ def add_train_options(t):
 def add_sampling_options(q):
     add_common_options(q)
     q.add_argument("--data", help="HDF5 file or shard directory")
-    q.add_argument("--split", default="test")
+    q.add_argument("--split", help="the split of --data (default: test, or the split the "
+                   "file has)")
     q.add_argument("--context", type=positive, help="context frames (default: the preset's)")
     q.add_argument("--frames", type=positive, help="frames to predict")
     q.add_argument("--steps", type=positive, help="solver steps over [0, 1] (default: the "
                    "preset's); a warm start at s takes about (1 - s) of them")
     q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
+    q.add_argument("--past-horizon", type=positive, help="draw the conditioning frame from the "
+                   "last H frames only (default: from the whole past, as the paper)")
     q.add_argument("--solver", choices=tuple(SOLVERS),
                    help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
                         "rule, the default of --official models)")
@@ -2615,8 +2650,9 @@ def build_parser():
     s.add_argument("--run", default="runs/tiny", help="run directory")
     s.add_argument("--input", help="your own clip: a video file, a folder of frames (natural "
                    "order) or a .npy (T, H, W[, C]); resized as data_prep.py does")
-    s.add_argument("--num", type=positive, default=4, help="videos to predict")
-    s.add_argument("--out", default="pred.gif")
+    s.add_argument("--num", type=positive, default=4, help="videos to predict (default: 4)")
+    s.add_argument("--out", default="pred.gif", help="the GIF to write; a PNG grid is written "
+                   "beside it (default: pred.gif)")
 
     e = sub.add_parser("eval", help="PSNR/SSIM (and FVD) against the copy-last-frame baseline")
     add_sampling_options(e)
@@ -2655,7 +2691,7 @@ def main(argv=None):
         sys.exit(2)
     except Stop as e:
         print(str(e), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(e.code)
 
 
 if __name__ == "__main__":
