@@ -143,6 +143,10 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # the ranks never drift apart
         torch.testing.assert_close(r0[k], single[k], atol=1e-4, rtol=1e-3)
+    torch.manual_seed(0)  # the worker's initial weights: training moved them (not 0 steps)
+    initial = river.River(river.Config(ae_channels=(8, 16, 16), codebook_size=32)).ae
+    moved = [not torch.equal(r0[k], p) for k, p in initial.named_parameters()]
+    assert len(moved) > 10 and sum(moved) > len(moved) // 2
     loss_two, loss_one = (float((d / "loss.txt").read_text()) for d in (two, one))
     assert loss_two == pytest.approx(loss_one, rel=1e-3)
     assert (two / "ae.pt").exists()  # rank 0 wrote the checkpoint
