@@ -8,6 +8,8 @@ from PIL import Image
 
 import river
 
+pytestmark = pytest.mark.slow  # the fixture runs `claims --quick`: about a minute
+
 ARMS = ("random", "last", "fixed", "dense")
 LABELS = ("random past frame (paper)", "last frame only", "last + fixed previous frame",
           "dense: last 4 frames at once", "copy last frame (baseline)")

@@ -372,6 +372,7 @@ def test_short_videos_are_skipped_and_counted(tmp_path):
 
 # ----------------------------------------------------------------------------- training runs
 
+@pytest.mark.slow
 def test_overfitting_a_few_clips_drives_both_losses_down():
     torch.manual_seed(0)
     cfg = SMALL
@@ -633,6 +634,7 @@ def test_memory_frames_are_scored_apart(tmp_path):
     assert river.eval_clips(balls, "test", 2, 3, 1, 0, memory=True)[1] is None
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_at_a_tiny_budget(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(river.PRESETS, "tiny", river.replace(river.PRESETS["tiny"], ae_steps=2,
                                                              flow_steps=2, ae_batch=4, flow_batch=4))

@@ -45,6 +45,7 @@ def weights(path):
 
 # ----------------------------------------------------------------------------- crash safety
 
+@pytest.mark.slow
 def test_killed_at_random_moments_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(train_cmd(data, whole, 300), check=True, env=ENV, capture_output=True)
@@ -152,6 +153,7 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     assert (two / "ae.pt").exists()  # rank 0 wrote the checkpoint
 
 
+@pytest.mark.slow
 def test_torchrun_trains_river_with_two_cpu_ranks(data, tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", os.path.join(ROOT, "river.py"), "train", "--data",
@@ -203,6 +205,7 @@ def trained(data, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_bad_sampling_options(data, trained, tmp_path):
     out = tmp_path / "p.gif"
     base = ("--run", trained, "--data", data, "--out", out)
@@ -264,6 +267,7 @@ def test_force_starts_over_and_keeps_the_old_files_aside(data, trained, tmp_path
     assert (run / "ae.pt").read_bytes() != before["ae.pt"] and not (run / "flow.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_flow_model_never_outlives_its_autoencoder(data, trained, tmp_path):
     other = tmp_path / "other"
     river.main(["train", "--data", data, "--run", str(other), "--stage", "ae", "--ae-steps", "2",
