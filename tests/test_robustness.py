@@ -131,6 +131,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 # ----------------------------------------------------------------------------- several processes
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     worker = os.path.join(ROOT, "tests", "ddp_worker.py")
     two, one = tmp_path / "two", tmp_path / "one"
@@ -190,6 +191,7 @@ def test_bad_data_files(data, tmp_path):
                    "len")
 
 
+@pytest.mark.slow
 def test_videos_too_short(tmp_path):
     path = tmp_path / "short.h5"
     data_prep.main(["synthetic", "--out", str(path), "--videos", "6", "--frames", "8"])
@@ -226,6 +228,7 @@ def test_bad_training_options(data, trained, tmp_path):
     one_line_error(river_cli("train", "--data", data, "--run", blocker / "run"), "writable")
 
 
+@pytest.mark.slow
 def test_bad_checkpoints(data, trained, tmp_path):
     # resuming with another config
     one_line_error(river_cli("train", "--data", data, "--run", trained, "--resume",
