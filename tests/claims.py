@@ -50,6 +50,7 @@ class Budget:
     videos: int = 1000            # per synthetic data set, split 80/10/10
     frames: int = 32              # frames per video
     ae_steps: int = 500           # each autoencoder (balls, occluder)
+    batch: int = 64               # batch of every training step (both stages) and memory probe
     flow_steps: int = 1200        # each flow model: every arm, every seed
     seeds: int = 1                # training seeds of the conditioning arms
     eval_videos: int = 100        # test videos per arm (0: all)
@@ -62,8 +63,9 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(videos=40, frames=20, ae_steps=10, flow_steps=10, eval_videos=0, samples=2,
-               grid_videos=2, grid_steps=(1, 2))
+QUICK = Budget(videos=20, frames=20, ae_steps=2, flow_steps=2, batch=16, eval_videos=2,
+               samples=2, sample_steps=4, grid_videos=1, grid_steps=(1, 2),
+               warm_starts=(0.0, 0.5))
 
 ARMS = {"random": "random past frame (paper)", "last": "last frame only",
         "fixed": "last + fixed previous frame", "dense": "dense: last 4 frames at once"}
@@ -562,7 +564,7 @@ def run(args):
     demo_run = None if args.quick else args.demo_run
     device = river.pick_device(args.device)
     cfg = replace(river.PRESETS["tiny"], ae_steps=budget.ae_steps, flow_steps=budget.flow_steps,
-                  sample_steps=budget.sample_steps)
+                  ae_batch=budget.batch, flow_batch=budget.batch, sample_steps=budget.sample_steps)
     os.makedirs(out, exist_ok=True)
     clock = Clock()
     print(f"claims: {'quick (structure only)' if args.quick else 'full'} run into {out}; "

@@ -7,6 +7,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over about 10 s on one thread (training runs, "
+                            "subprocesses, the claims run); skip them with -m \"not slow\"")
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """A small bouncing-balls file: 24 videos of 20 frames, 32x32 (read-only for the tests)."""

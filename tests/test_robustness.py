@@ -45,6 +45,7 @@ def weights(path):
 
 # ----------------------------------------------------------------------------- crash safety
 
+@pytest.mark.slow
 def test_killed_at_random_moments_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(train_cmd(data, whole, 300), check=True, env=ENV, capture_output=True)
@@ -130,6 +131,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 # ----------------------------------------------------------------------------- several processes
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     worker = os.path.join(ROOT, "tests", "ddp_worker.py")
     two, one = tmp_path / "two", tmp_path / "one"
@@ -143,11 +145,16 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # the ranks never drift apart
         torch.testing.assert_close(r0[k], single[k], atol=1e-4, rtol=1e-3)
+    torch.manual_seed(0)  # the worker's initial weights: training moved them (not 0 steps)
+    initial = river.River(river.Config(ae_channels=(8, 16, 16), codebook_size=32)).ae
+    moved = [not torch.equal(r0[k], p) for k, p in initial.named_parameters()]
+    assert len(moved) > 10 and sum(moved) > len(moved) // 2
     loss_two, loss_one = (float((d / "loss.txt").read_text()) for d in (two, one))
     assert loss_two == pytest.approx(loss_one, rel=1e-3)
     assert (two / "ae.pt").exists()  # rank 0 wrote the checkpoint
 
 
+@pytest.mark.slow
 def test_torchrun_trains_river_with_two_cpu_ranks(data, tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", os.path.join(ROOT, "river.py"), "train", "--data",
@@ -184,6 +191,7 @@ def test_bad_data_files(data, tmp_path):
                    "len")
 
 
+@pytest.mark.slow
 def test_videos_too_short(tmp_path):
     path = tmp_path / "short.h5"
     data_prep.main(["synthetic", "--out", str(path), "--videos", "6", "--frames", "8"])
@@ -199,6 +207,7 @@ def trained(data, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_bad_sampling_options(data, trained, tmp_path):
     out = tmp_path / "p.gif"
     base = ("--run", trained, "--data", data, "--out", out)
@@ -219,6 +228,7 @@ def test_bad_training_options(data, trained, tmp_path):
     one_line_error(river_cli("train", "--data", data, "--run", blocker / "run"), "writable")
 
 
+@pytest.mark.slow
 def test_bad_checkpoints(data, trained, tmp_path):
     # resuming with another config
     one_line_error(river_cli("train", "--data", data, "--run", trained, "--resume",
@@ -260,6 +270,7 @@ def test_force_starts_over_and_keeps_the_old_files_aside(data, trained, tmp_path
     assert (run / "ae.pt").read_bytes() != before["ae.pt"] and not (run / "flow.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_flow_model_never_outlives_its_autoencoder(data, trained, tmp_path):
     other = tmp_path / "other"
     river.main(["train", "--data", data, "--run", str(other), "--stage", "ae", "--ae-steps", "2",
