@@ -1652,8 +1652,8 @@ def train_stage(stage, model, loss_fn, batches, steps, lr, cfg, run, device, ckp
                     ema_update_(ema, model, ema_decay, step)
                 window.add(loss)
             elif (bad_steps := bad_steps + 1) > 20:  # skipped steps: no poisoned update happens
-                raise RiverError(f"{stage}: {bad_steps} non-finite losses: lower the learning "
-                                 "rate or check the data, then --resume")
+                raise RiverError(f"{stage}: {bad_steps} steps with non-finite gradients: lower "
+                                 "the learning rate or check the data, then --resume")
             done = step + 1
             if (done % log_every == 0 or done == steps) and window.count:
                 row = {"stage": stage, "step": done, **window.pop(), "lr": sched.get_last_lr()[0],
@@ -2030,7 +2030,7 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
         ae_state = autoencoder_state(ae, cfg, trust, ckpt)
     ckpts = check_run(run, cfg, stage, ae, resume, force, trust, ae_state)
     # the data opens and has clips long enough, before the run directory changes
-    frames = cfg.clip_frames if "flow" in todo else 2 if "refine" in todo else 1
+    frames = cfg.clip_frames if "flow" in todo or refine_i3d else 2 if "refine" in todo else 1
     ClipDataset(data, frames, cfg.frame_skip, "train", cache_bytes=0, notes=False)
     device = setup_distributed(pick_device(device))
     rank, world = dist_info()
@@ -2621,8 +2621,8 @@ def add_sampling_options(q):
     q.add_argument("--steps", type=positive, help="solver steps over [0, 1] (default: the "
                    "preset's); a warm start at s takes about (1 - s) of them")
     q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
-    q.add_argument("--past-horizon", type=positive, help="draw the conditioning frame from the "
-                   "last H frames only (default: from the whole past, as the paper)")
+    q.add_argument("--past-horizon", type=positive, help="random conditioning: draw the past "
+                   "frame from the last H frames only (default: the whole past, as the paper)")
     q.add_argument("--solver", choices=tuple(SOLVERS),
                    help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
                         "rule, the default of --official models)")
