@@ -76,6 +76,12 @@ def loop(cfg, stage, steps):
     return statistics.median(1 / r["steps_per_s"] for r in rows[3:])
 
 
+def cpu_name():
+    """The CPU's model name (lscpu), for the first line of a benchmark's output."""
+    return subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"],
+                          capture_output=True, text=True).stdout.strip() or platform.processor()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=tuple(river.PRESETS))
@@ -83,9 +89,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     cfg = river.PRESETS[args.preset]
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip() or platform.processor()
-    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"preset {args.preset}, {args.steps} steps, best of {args.repeats}")
     print(f"{'stage':6}{'batch':>7}{'bare s/step':>13}{'loop s/step':>13}{'loop/bare':>11}")
     result = {}
