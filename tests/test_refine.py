@@ -147,6 +147,7 @@ def test_a_refiner_of_another_autoencoder_is_refused(data, refined_run, tmp_path
                              "--resume", "--refine-steps", "60"), "refine.pt", "another autoencoder")
 
 
+@pytest.mark.slow
 def test_a_killed_refine_stage_resumes_where_it_stopped(data, tmp_path):
     """SIGKILL mid-stage, then --resume: the same weights as a run never interrupted."""
     base = tmp_path / "base"
