@@ -183,11 +183,18 @@ def vq_nearest_reference(z, codebook):
     """Nearest code for every row of z. z: (N, D), codebook: (K, D).
 
     Returns (indices int64 (N,), squared distances (N,)). Ties go to the lowest index.
+    NaN and inf, the rule the fused ops follow too: a code with a NaN or infinite entry is
+    never chosen; a row with one, or with no such code to choose from, gets index 0 and
+    distance NaN. (A row or code whose squared norm overflows float32, from entries of
+    ~1e19, counts as infinite.)
     """
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, the (N, K) matrix the fused op avoids
-    d2 = (z * z).sum(1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(1)
-    d2, idx = d2.min(1)
-    return idx, d2.clamp_min(0)
+    invalid = ~codebook.float().pow(2).sum(1).isfinite()  # (K,)
+    e = codebook.masked_fill(invalid[:, None], 0)  # an invalid code: 0 here, ||e||^2 = inf
+    e2 = (e * e).sum(1).masked_fill(invalid, math.inf)  # (K,)
+    d2, idx = ((z * z).sum(1, keepdim=True) - 2 * z @ e.t() + e2).min(1)  # min over (N, K)
+    bad = ~(z.float().pow(2).sum(1).isfinite() & (d2 < math.inf))  # (N,)
+    return idx.masked_fill(bad, 0), d2.clamp_min(0).masked_fill(bad, math.nan)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -195,7 +202,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def vq_nearest(z, codebook):
     """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
-    bfloat16, one dtype and device), else vq_nearest_reference."""
+    bfloat16, one dtype and device), else vq_nearest_reference; both follow its NaN/inf rule."""
     if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
             and load_kernels()):
         return torch.ops.river.vq_nearest(z, codebook)

@@ -73,6 +73,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
@@ -268,6 +269,8 @@ void euler_step_cpu(at::Tensor& x, const at::Tensor& v, double dt) {
 // vq_nearest: argmin_k ||z_n - e_k||^2
 // ---------------------------------------------------------------------------------------
 
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int R = 4;         // vectors per micro-kernel call (R accumulators of W lanes)
 constexpr int NC_MAX = 128;  // most vectors per chunk, the unit of work of one core
 // panels swept per tile: half of a 32 KB L1d (AMD Zen), a third of a 48 KB one (Intel)
@@ -275,8 +278,10 @@ constexpr int64_t TILE_BYTES = 16 * 1024;
 
 // The codebook packed for the micro-kernel, W codes per panel (W = one vector register of
 // float32: 4 for the default copy (SSE2, NEON), 8 for AVX2, 16 for AVX-512): panel p holds codes
-// [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes have
-// norm +inf: they never win.
+// [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes, and
+// codes whose ||e||^2 is not finite (a NaN or inf entry), are zeros with norm +inf: every
+// ||e||^2 - 2 z.e of theirs is +inf (NaN for a non-finite z), never below the running
+// minimum, which starts at +inf: they are never chosen.
 template <int W>
 struct PackedCodebook {
   int64_t D, panels;
@@ -290,13 +295,15 @@ PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
   cb.data.assign(cb.panels * D * W, 0.f);
   cb.norms.assign(cb.panels * W, std::numeric_limits<float>::infinity());
   for (int64_t k = 0; k < K; ++k) {
-    float* panel = cb.data.data() + (k / W) * D * W + k % W;
+    const T* code = e + k * D;
     float norm = 0.f;
     for (int64_t d = 0; d < D; ++d) {
-      float val = static_cast<float>(e[k * D + d]);
-      panel[d * W] = val;  // (D, W) block: code dim major
+      const float val = static_cast<float>(code[d]);
       norm += val * val;
     }
+    if (!std::isfinite(norm)) continue;  // stays a padding code
+    float* panel = cb.data.data() + (k / W) * D * W + k % W;
+    for (int64_t d = 0; d < D; ++d) panel[d * W] = static_cast<float>(code[d]);  // (D, W) block
     cb.norms[k] = norm;
   }
   return cb;
@@ -478,10 +485,12 @@ void vq_nearest_with(VqRows<W> vq_rows_isa, const T* z, const T* e, int64_t N, i
     vq_rows_isa(zm2.data(), rows, cb, val, code);
     for (int64_t i = 0; i < n; ++i) {
       float z2 = 0.f;
-      for (int64_t d = 0; d < D; ++d) z2 += 0.25f * zm2[i * D + d] * zm2[i * D + d];
-      idx[n0 + i] = code[i];
+      for (int64_t d = 0; d < D; ++d)
+        z2 += static_cast<float>(z[(n0 + i) * D + d]) * static_cast<float>(z[(n0 + i) * D + d]);
+      const bool found = std::isfinite(z2) && val[i] < kInf;  // else: the NaN/inf rule
+      idx[n0 + i] = found ? code[i] : 0;
       // ||z - e||^2 = ||z||^2 + (||e||^2 - 2 z.e), clamped: rounding can dip below 0
-      dist[n0 + i] = static_cast<T>(std::max(z2 + val[i], 0.f));
+      dist[n0 + i] = static_cast<T>(found ? std::max(z2 + val[i], 0.f) : kNaN);
     }
   });
 }

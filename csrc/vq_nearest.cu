@@ -67,7 +67,7 @@ __global__ void vq_nearest_partial(const T* __restrict__ z, const T* __restrict_
 
   const int64_t k_begin = ks * blockIdx.y;
   const int64_t k_end = k_begin + ks < K ? k_begin + ks : K;
-  float best = FLT_MAX;
+  float best = INFINITY;  // a code at +inf or NaN (non-finite ||e||^2 or z) is never chosen
   int64_t best_k = k_begin;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += TK) {
     const int tk = int(k_end - k0 < TK ? k_end - k0 : TK);
@@ -109,8 +109,11 @@ __global__ void vq_nearest_finish(const T* __restrict__ z, int64_t N, int64_t D,
   const unsigned long long key = static_cast<unsigned long long>(idx[n]);
   float z2 = 0.f;
   for (int64_t d = 0; d < D; ++d) z2 += to_float(z[n * D + d]) * to_float(z[n * D + d]);
-  idx[n] = static_cast<int64_t>(key & 0xffffffffu);
-  dist[n] = from_float<T>(fmaxf(z2 + key_distance(key), 0.f));  // ||z||^2 + ||e||^2 - 2 z.e
+  const float best = key_distance(key);
+  const bool found = isfinite(z2) && best < INFINITY;  // else: the NaN/inf rule
+  idx[n] = found ? static_cast<int64_t>(key & 0xffffffffu) : 0;
+  // ||z||^2 + ||e||^2 - 2 z.e, clamped: rounding can dip below 0
+  dist[n] = from_float<T>(found ? fmaxf(z2 + best, 0.f) : NAN);
 }
 
 template <typename T>

@@ -9,6 +9,7 @@ GPU is present. The first run JIT-builds the extension (~20 s) unless `pip insta
 `python setup.py build_ext --inplace` already did.
 """
 
+import math
 import os
 import platform
 import re
@@ -187,6 +188,70 @@ def test_vq_nearest_bad_inputs(z_shape, e_shape, z_dtype, e_dtype, message, devi
     codebook = torch.zeros(e_shape, dtype=e_dtype, device=device)
     with pytest.raises(RuntimeError, match="vq_nearest: " + re.escape(message)):
         torch.ops.river.vq_nearest(z, codebook)
+
+
+# NaN and inf: one rule for the reference and both kernels (vq_nearest_reference's
+# docstring): a code with a NaN or inf entry is never chosen; a row with one, or with no
+# finite code to choose from, gets index 0 and distance NaN.
+
+POISON = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1e20}  # 1e20^2 overflows
+
+
+def poisoned(dtype, device, seed=0):
+    """z (40, 4) and codebook (37, 4) with a NaN, inf, -inf and huge entry in some codes (in
+    different lanes, panels and positions) and rows. Rows 0-9 copy codes, poisoned ones too."""
+    g = torch.Generator().manual_seed(seed)
+    codebook, z = torch.randn(37, 4, generator=g), torch.randn(40, 4, generator=g)
+    bad_codes = {0: "nan", 5: "inf", 17: "-inf", 36: "huge", 20: "nan"}
+    for k, what in bad_codes.items():
+        codebook[k, k % 4] = POISON[what]
+    z[:10] = codebook[[0, 5, 17, 36, 20, 1, 2, 3, 4, 6]]
+    z[:10] = torch.where(z[:10].isfinite() & (z[:10].abs() < 1e19), z[:10], 0.5)
+    bad_rows = {12: "nan", 13: "inf", 14: "-inf", 15: "huge", 39: "nan"}
+    for n, what in bad_rows.items():
+        z[n, n % 4] = POISON[what]
+    return z.to(device, dtype), codebook.to(device, dtype), set(bad_codes), set(bad_rows)
+
+
+def check_nan_rule(idx, dist, z, codebook, bad_codes, bad_rows):
+    idx, dist = idx.cpu(), dist.cpu().float()
+    rows = torch.tensor(sorted(bad_rows))
+    assert torch.equal(idx[rows], torch.zeros(len(rows), dtype=torch.long)), "bad row: index 0"
+    assert dist[rows].isnan().all(), "a row with NaN or inf gets distance NaN"
+    good = torch.tensor([n for n in range(z.shape[0]) if n not in bad_rows])
+    assert not set(idx[good].tolist()) & bad_codes, "a non-finite code was chosen"
+    assert dist[good].isfinite().all()
+    # the true nearest finite code, in float64
+    valid = torch.tensor([k for k in range(codebook.shape[0]) if k not in bad_codes])
+    d64 = torch.cdist(z.cpu().double()[good], codebook.cpu().double()[valid]).pow(2)
+    assert torch.equal(idx[good], valid[d64.argmin(1)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vq_nearest_nan_inf_rule(dtype, device):
+    z, codebook, bad_codes, bad_rows = poisoned(dtype, device)
+    check_nan_rule(*torch.ops.river.vq_nearest(z, codebook), z, codebook, bad_codes, bad_rows)
+    # the reference follows the same rule, in the inputs' dtype and in float32
+    for ref_dtype in {dtype, torch.float32}:
+        if ref_dtype != torch.float32 and z.device.type == "cpu":
+            continue  # half matmuls on the CPU: not every torch build has them
+        ref = river.vq_nearest_reference(z.to(ref_dtype), codebook.to(ref_dtype))
+        check_nan_rule(*ref, z, codebook, bad_codes, bad_rows)
+
+
+def test_vq_nearest_no_finite_code(device):
+    codebook = torch.full((7, 3), math.nan, device=device)
+    codebook[2, 1], codebook[4, 0] = math.inf, -math.inf
+    z = torch.randn(50, 3, device=device)
+    for idx, dist in (torch.ops.river.vq_nearest(z, codebook),
+                      river.vq_nearest_reference(z, codebook)):
+        assert (idx == 0).all() and dist.isnan().all()
+
+
+def test_vq_nearest_reference_nan_inf_rule_on_cpu():
+    # the reference alone, whatever the kernels do
+    z, codebook, bad_codes, bad_rows = poisoned(torch.float32, "cpu", seed=1)
+    check_nan_rule(*river.vq_nearest_reference(z, codebook), z, codebook, bad_codes, bad_rows)
 
 
 # ---------------------------------------------------------------------------------------
