@@ -606,7 +606,8 @@ def flow_loss(field, latents, cfg):
 
 def euler_step_reference_(x, v, dt):
     """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
-    the fused op keeps dt in float32.)"""
+    the fused op keeps dt in float32.) v may be x itself; a v that overlaps x only in part
+    is refused, by add_ and by the fused op alike."""
     return x.add_(v, alpha=dt)
 
 

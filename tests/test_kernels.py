@@ -317,6 +317,31 @@ def test_euler_step_bad_inputs(case, message, device):
         torch.ops.river.euler_step_(x, v, 0.1)
 
 
+@pytest.mark.parametrize("x_at,v_at", [(1, 0), (0, 1), (0, 3), (5, 2)])
+def test_euler_step_refuses_partial_overlap(x_at, v_at, device):
+    # x and v: 6 elements of one buffer, v shifted against x (the result would depend on
+    # the order of the writes); torch's add_ refuses these too
+    buf = torch.randn(12, device=device)
+    x, v = buf[x_at:x_at + 6], buf[v_at:v_at + 6]
+    with pytest.raises(RuntimeError, match=re.escape("euler_step_: x and v partially overlap")):
+        torch.ops.river.euler_step_(x, v, 0.5)
+    with pytest.raises(RuntimeError, match="overlap|refer to a single memory location"):
+        river.euler_step_reference_(x, v, 0.5)
+
+
+def test_euler_step_v_may_be_x_itself(device):
+    for alias in (lambda x: x, lambda x: x[:], lambda x: x.view(x.shape)):
+        x = torch.randn(1000, device=device)
+        expected = x * 1.5
+        torch.ops.river.euler_step_(x, alias(x), 0.5)     # x <- x + 0.5 x
+        torch.testing.assert_close(x, expected)
+    # views of one buffer that do not overlap are two tensors like any others
+    buf = torch.randn(20, device=device)
+    expected = buf[:10] + 0.5 * buf[10:]
+    torch.ops.river.euler_step_(buf[:10], buf[10:], 0.5)
+    torch.testing.assert_close(buf[:10], expected)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_mismatch():
     with pytest.raises(RuntimeError, match="vq_nearest: z is on cuda:0 but codebook is on cpu"):
