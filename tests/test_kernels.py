@@ -116,23 +116,40 @@ def test_vq_nearest_every_small_code_dim(D, device):
                      torch.randn(5000, D, generator=g).to(device))
 
 
-@pytest.mark.parametrize("N", [5, 37, 1001])
-def test_vq_nearest_same_on_any_thread_count(N, device):
-    # the vectors are split into chunks by thread count; each row's arithmetic is not
+def cpu_chunks(N, K, D, threads):
+    """Chunks that river_ops.cpp's vq_nearest_with cuts N vectors into for `threads` threads
+    (at least 4 per thread, R = 4 to 128 vectors each; one chunk below 100K FLOPs)."""
+    if 2 * N * K * D < 100_000:
+        return 1
+    per_thread = -(-N // (4 * threads))
+    return -(-N // min(max(-(-per_thread // 4) * 4, 16), 128))
+
+
+@pytest.mark.parametrize("N", [33, 129, 1001])  # a 1-row last chunk, odd tails, many chunks
+def test_vq_nearest_split_over_threads(N, device):
+    # Threads take chunks of rows in turn; every row must still get its own answer. Each row
+    # is a code plus noise far below the codes' spacing, so its answer is known exactly, and
+    # every thread count draws other codes: a chunk skipped, done twice or written at the
+    # wrong offset shows as wrong indices, and cannot pass on what an earlier call left in
+    # the output's memory.
     if device != "cpu":
         pytest.skip("the thread count splits CPU work only")
     g = torch.Generator().manual_seed(N)
-    z, codebook = torch.randn(N, 4, generator=g), torch.randn(3000, 4, generator=g)
+    K = 3000
+    codebook = torch.randn(K, 4, generator=g)
     threads = torch.get_num_threads()
     try:
-        results = []
         for n in (1, 2, 3):
+            assert n == 1 or cpu_chunks(N, K, 4, n) >= n, "too few chunks to split"
             torch.set_num_threads(n)
-            results.append(torch.ops.river.vq_nearest(z, codebook))
+            codes = torch.randperm(K, generator=g)[:N]
+            z = codebook[codes] + 1e-4 * torch.randn(N, 4, generator=g)
+            idx, dist = torch.ops.river.vq_nearest(z, codebook)
+            assert torch.equal(idx, codes), f"{n} threads: rows got other rows' codes"
+            torch.testing.assert_close(dist, (z - codebook[codes]).pow(2).sum(1),
+                                       atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
-    for idx, dist in results[1:]:
-        assert torch.equal(idx, results[0][0]) and torch.equal(dist, results[0][1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
