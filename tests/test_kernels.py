@@ -74,27 +74,34 @@ def check_vq_nearest(z, codebook):
     idx, dist = torch.ops.river.vq_nearest(z, codebook)
     assert idx.dtype == torch.int64 and idx.shape == (N,) and idx.device == z.device
     assert dist.dtype == z.dtype and dist.shape == (N,) and dist.device == z.device
+    check_vq_nearest_result(idx, dist, z, codebook)
 
-    # exact distances in float64 from the same (rounded) inputs, (N, K)
-    z64, e64 = z.double().cpu(), codebook.double().cpu()
-    d64 = (z64.pow(2).sum(1, keepdim=True) - 2 * z64 @ e64.t() + e64.pow(2).sum(1)).clamp_min(0)
-    tol = float32_error_bound(z, codebook).cpu()
-    idx, dist = idx.cpu(), dist.cpu()
-    true_min = d64.min(1).values
-    chosen = d64.gather(1, idx[:, None])[:, 0]
-    assert (chosen <= true_min + tol).all(), "a chosen code is not a nearest one"
 
-    # the reference, run in float32 like the kernel (half inputs are computed in float32)
-    ref_idx, ref_dist = river.vq_nearest_reference(z.float(), codebook.float())
-    ref_idx, ref_dist = ref_idx.cpu(), ref_dist.cpu()
-    if codebook.shape[0] > 1:
-        two = d64.topk(2, dim=1, largest=False).values
-        clear = (two[:, 1] - two[:, 0]) > 4 * tol  # no near-tie: the argmin is unambiguous
-        assert torch.equal(idx[clear], ref_idx[clear])
-    torch.testing.assert_close(dist.float(), ref_dist.to(z.dtype).float(),
-                               atol=float(tol.max()) + 1e-6,
-                               rtol={torch.float32: 1e-5, torch.float16: 2e-3,
-                                     torch.bfloat16: 2e-2}[z.dtype])
+def check_vq_nearest_result(idx, dist, z, codebook, rows=4096):
+    """(idx, dist) from any implementation, against exact float64 distances and the
+    reference, `rows` rows of z at a time (on z's device: a (rows, K) matrix at once)."""
+    e64 = codebook.double()
+    tol_all = float32_error_bound(z, codebook)
+    for n0 in range(0, z.shape[0], rows):
+        n1 = min(n0 + rows, z.shape[0])
+        # the reference, run in float32 like the kernel (half inputs are computed in float32)
+        ref_idx, ref_dist = river.vq_nearest_reference(z[n0:n1].float(), codebook.float())
+        # exact distances in float64 from the same (rounded) inputs, (rows, K)
+        z64 = z[n0:n1].double()
+        d64 = (z64.pow(2).sum(1, keepdim=True) - 2 * z64 @ e64.t() + e64.pow(2).sum(1)).clamp_min(0)
+        tol = tol_all[n0:n1]
+        chosen = d64.gather(1, idx[n0:n1, None].to(d64.device))[:, 0]
+        true_min = d64.min(1).values
+        assert (chosen <= true_min + tol).all(), "a chosen code is not a nearest one"
+        if codebook.shape[0] > 1:
+            two = d64.topk(2, dim=1, largest=False).values
+            clear = ((two[:, 1] - two[:, 0]) > 4 * tol).cpu()  # no near-tie: one argmin
+            assert torch.equal(idx[n0:n1].cpu()[clear], ref_idx.cpu()[clear])
+        torch.testing.assert_close(dist[n0:n1].cpu().float(),
+                                   ref_dist.cpu().to(dist.dtype).float(),
+                                   atol=float(tol.max()) + 1e-6,
+                                   rtol={torch.float32: 1e-5, torch.float16: 2e-3,
+                                         torch.bfloat16: 2e-2}[dist.dtype])
 
 
 @pytest.mark.parametrize("K", [1, 7, 1024])
