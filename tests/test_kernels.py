@@ -25,8 +25,8 @@ import river  # noqa: E402
 # run time; torch.ops.river.set_cpu_isa forces a copy. Every CPU test runs once per copy,
 # and a copy this CPU cannot run is skipped with the op's reason (pytest -rs shows it).
 CPU_ISAS = ["default", "avx2", "avx512"]
-DEVICES = [f"cpu-{isa}" for isa in CPU_ISAS] + [pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = [f"cpu-{isa}" for isa in CPU_ISAS] + [pytest.param("cuda", marks=needs_cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -245,10 +245,12 @@ def check_nan_rule(idx, dist, z, codebook, bad_codes, bad_rows):
     good = torch.tensor([n for n in range(z.shape[0]) if n not in bad_rows])
     assert not set(idx[good].tolist()) & bad_codes, "a non-finite code was chosen"
     assert dist[good].isfinite().all()
-    # the true nearest finite code, in float64
+    # a nearest finite code, by exact float64 distances (on z's device)
     valid = torch.tensor([k for k in range(codebook.shape[0]) if k not in bad_codes])
-    d64 = torch.cdist(z.cpu().double()[good], codebook.cpu().double()[valid]).pow(2)
-    assert torch.equal(idx[good], valid[d64.argmin(1)])
+    zg, ev = z[good.to(z.device)], codebook[valid.to(z.device)]
+    d64 = torch.cdist(zg.double(), ev.double()).pow(2)  # (good rows, valid codes)
+    chosen = d64.gather(1, torch.searchsorted(valid, idx[good])[:, None].to(z.device))[:, 0]
+    assert (chosen <= d64.min(1).values + float32_error_bound(zg, ev)).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -366,12 +368,153 @@ def test_euler_step_v_may_be_x_itself(device):
     torch.testing.assert_close(buf[:10], expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_device_mismatch():
+@needs_cuda
+def test_cuda_device_mismatch():
     with pytest.raises(RuntimeError, match="vq_nearest: z is on cuda:0 but codebook is on cpu"):
         torch.ops.river.vq_nearest(torch.zeros(3, 4, device="cuda"), torch.zeros(5, 4))
     with pytest.raises(RuntimeError, match="euler_step_: x is on cuda:0 but v is on cpu"):
         torch.ops.river.euler_step_(torch.zeros(3, device="cuda"), torch.zeros(3), 0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA only: training sizes, storage offsets, devices, streams, graphs, long tensors
+# (every test name here holds "cuda": tests/gpu_check.py runs them with -k cuda)
+# ---------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("N,D,K,dtype", [
+    # the sizes training uses: several codebook slices per vector, several tiles per slice
+    (16384, 4, 512, torch.float32), (16384, 4, 16384, torch.float32),
+    (65536, 4, 16384, torch.float32), (32768, 8, 8192, torch.float32),
+    (65536, 8, 512, torch.float32), (16384, 6, 8192, torch.float32),
+    (16384, 5, 16384, torch.float32), (16384, 4, 16384, torch.bfloat16),
+    (16384, 8, 8192, torch.float16),
+])
+def test_cuda_vq_nearest_training_sizes(N, D, K, dtype):
+    g = torch.Generator().manual_seed(N + D + K)
+    z = torch.randn(N, D, generator=g).to("cuda", dtype)
+    codebook = torch.randn(K, D, generator=g).to("cuda", dtype)
+    check_vq_nearest(z, codebook)
+
+
+@needs_cuda
+def test_cuda_vq_nearest_nan_inf_across_slices():
+    # the rule at a training size: poisoned codes and rows in different slices and tiles
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(16384, 4, generator=g), torch.randn(16384, 4, generator=g)
+    bad_codes = {0: math.nan, 300: math.inf, 9000: -math.inf, 16383: 1e20, 5000: math.nan}
+    bad_rows = {5: math.nan, 4097: math.inf, 16383: -math.inf, 9999: 1e20}
+    for k, value in bad_codes.items():
+        codebook[k, 1] = value
+    for n, value in bad_rows.items():
+        z[n, 2] = value
+    z[:4] = codebook[[0, 300, 9000, 16383]].nan_to_num(0.5, 0.5, 0.5).clamp(-9, 9)
+    z, codebook = z.cuda(), codebook.cuda()
+    idx, dist = torch.ops.river.vq_nearest(z, codebook)
+    check_nan_rule(idx, dist, z, codebook, set(bad_codes), set(bad_rows))
+    check_nan_rule(*river.vq_nearest_reference(z, codebook), z, codebook, set(bad_codes),
+                   set(bad_rows))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_storage_offsets(dtype):
+    # views that start 1 element into their storage: not 16-byte aligned
+    g = torch.Generator().manual_seed(1)
+    zbuf, ebuf = torch.randn(3001 * 4 + 1, generator=g), torch.randn(777 * 4 + 1, generator=g)
+    z = zbuf.to("cuda", dtype)[1:].view(3001, 4)
+    codebook = ebuf.to("cuda", dtype)[1:].view(777, 4)
+    assert z.storage_offset() == 1 and z.is_contiguous()
+    torch.testing.assert_close(torch.ops.river.vq_nearest(z, codebook),
+                               torch.ops.river.vq_nearest(z.clone(), codebook.clone()))
+    check_vq_nearest(z, codebook)
+    n = 100003
+    xbuf, vbuf = torch.randn(n + 3, generator=g), torch.randn(n + 3, generator=g)
+    for x_at, v_at in ((1, 1), (1, 2), (0, 3), (3, 0)):  # a common head, or none
+        x, v = xbuf.to("cuda", dtype)[x_at:x_at + n], vbuf.to("cuda", dtype)[v_at:v_at + n]
+        exact = (x.double() + 0.3 * v.double()).to(dtype)
+        torch.ops.river.euler_step_(x, v, 0.3)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(x, exact, rtol=eps, atol=eps * 8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_euler_step_grid_stride_passes_and_tail(dtype, offset):
+    # more elements than the resident grid covers in one pass (8 blocks of 256 threads per
+    # SM, 16 bytes each), plus a tail shorter than 16 bytes and, with offset 1, a head
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    vec = 16 // (torch.finfo(dtype).bits // 8)  # elements per 16 bytes
+    n = 2 * sms * 8 * 256 * vec + vec - 1        # two passes, and a tail of vec - 1
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n + offset, generator=g).to("cuda", dtype)[offset:]
+    v = torch.randn(n + offset, generator=g).to("cuda", dtype)[offset:]
+    exact = (x.double() - 0.7 * v.double()).to(dtype)
+    torch.ops.river.euler_step_(x, v, -0.7)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(x, exact, rtol=eps, atol=eps * 8)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_cuda_tensor_on_second_device():
+    # the ops run on their tensors' device, not on the current one
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(5000, 4, generator=g).to("cuda:1")
+    codebook = torch.randn(3000, 4, generator=g).to("cuda:1")
+    idx, dist = torch.ops.river.vq_nearest(z, codebook)
+    assert idx.device == dist.device == z.device
+    check_vq_nearest_result(idx, dist, z, codebook)
+    x, v = torch.randn(300001, generator=g).to("cuda:1"), torch.randn(300001, generator=g).to("cuda:1")
+    expected = x.cpu() + 0.5 * v.cpu()
+    torch.ops.river.euler_step_(x, v, 0.5)
+    torch.testing.assert_close(x.cpu(), expected)
+    assert torch.cuda.current_device() == 0
+
+
+@needs_cuda
+def test_cuda_side_stream():
+    # the ops run on the current stream: work queued after a long wait on a side stream
+    # must see the inputs written on that stream (on another stream it would read them early)
+    g = torch.Generator().manual_seed(3)
+    z_src, codebook = torch.randn(20000, 4, generator=g).cuda(), torch.randn(4000, 4, generator=g).cuda()
+    x_src, v = torch.randn(1 << 20, generator=g).cuda(), torch.randn(1 << 20, generator=g).cuda()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles on the side stream
+        z, x = z_src * 1.0, x_src * 1.0
+        idx, dist = torch.ops.river.vq_nearest(z, codebook)
+        torch.ops.river.euler_step_(x, v, 0.25)
+    side.synchronize()
+    check_vq_nearest_result(idx, dist, z_src, codebook)
+    torch.testing.assert_close(x, x_src + 0.25 * v)
+
+
+@needs_cuda
+def test_cuda_graph_capture():
+    g = torch.Generator().manual_seed(4)
+    z, codebook = torch.randn(16384, 4, generator=g).cuda(), torch.randn(2048, 4, generator=g).cuda()
+    x, v = torch.randn(100003, generator=g).cuda(), torch.randn(100003, generator=g).cuda()
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.river.vq_nearest(z, codebook)
+        torch.ops.river.euler_step_(x.clone(), v, 0.25)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx, dist = torch.ops.river.vq_nearest(z, codebook)
+        torch.ops.river.euler_step_(x, v, 0.25)
+    for _ in range(2):  # new inputs in the captured buffers, then replay
+        z.copy_(torch.randn(16384, 4, generator=g))
+        x0 = torch.randn(100003, generator=g).cuda()
+        x.copy_(x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_vq_nearest_result(idx, dist, z, codebook)
+        torch.testing.assert_close(x, x0 + 0.25 * v)
 
 
 # ---------------------------------------------------------------------------------------
