@@ -204,7 +204,7 @@ def vq_nearest(z, codebook):
     """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
     bfloat16, one dtype and device), else vq_nearest_reference; both follow its NaN/inf rule."""
     if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
-            and load_kernels()):
+            and z.device.type in load_kernels()):
         return torch.ops.river.vq_nearest(z, codebook)
     return vq_nearest_reference(z, codebook)
 
@@ -616,7 +616,7 @@ def euler_step_(x, v, dt):
     same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
     if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
             and v.device == x.device and x.is_contiguous() and v.is_contiguous()
-            and load_kernels()):
+            and x.device.type in load_kernels()):
         torch.ops.river.euler_step_(x, v, float(dt))
         return x
     return euler_step_reference_(x, v, dt)
@@ -836,23 +836,25 @@ def csrc_build():
 
 @functools.cache
 def load_kernels():
-    """True when torch.ops.river.* are usable: csrc_build().load() imports an installed build
-    of today's csrc/ sources or compiles them with ninja. Failure warns once, returns False."""
+    """The device types ("cpu", "cuda") whose tensors torch.ops.river.* take: csrc_build().load()
+    imports an installed build of today's csrc/ sources or compiles them with ninja. Empty
+    (false) when they cannot load: that warns once, with what to do."""
     mode = os.environ.get("RIVER_KERNELS", "auto")
     if mode not in ("auto", "ref", "ext"):
         raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
     if mode == "ref":
-        return False
+        return frozenset()
     try:
-        csrc_build().load()
-        return True
+        return frozenset(csrc_build().load())
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
+        advice = f"; {e.advice}" if getattr(e, "advice", None) else ""
         if mode == "ext":
-            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
+            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: "
+                               f"{e}{advice}")
         cause = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
-                      "using the PyTorch reference ops")
-        return False
+                      f"using the PyTorch reference ops{advice}")
+        return frozenset()
 
 
 # ---------------------------------------------------------------------------------------

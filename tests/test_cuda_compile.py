@@ -274,6 +274,78 @@ def test_river_ops_cuda_registers_every_tensor_op():
 
 
 # ---------------------------------------------------------------------------------------
+# The toolchain: what a failed CUDA build tells the user to do
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """river's loader on a machine whose torch has CUDA 12.8 and a toolkit (nvcc's version
+    given by the test), nothing installed; the compiler is replaced by `compile` and every
+    load_kernels() call is fresh. Yields (set nvcc version, compile calls)."""
+    import importlib.util
+    import torch.utils.cpp_extension
+    build = river.csrc_build()
+    calls, version = [], {"nvcc": "12.8"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(build, "want_cuda", lambda: True)
+    monkeypatch.setattr(build, "nvcc_version", lambda home: version["nvcc"])
+    monkeypatch.setattr(build, "register_fakes", lambda: None)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RIVER_KERNELS", raising=False)
+    river.load_kernels.cache_clear()
+    yield version, calls
+    river.load_kernels.cache_clear()
+
+
+ADVICE = ["torch.version.cuda (12.8", "install CUDA 12.x and set CUDA_HOME to it",
+          "NVIDIA driver >= 580", "RIVER_KERNELS=ref"]
+
+
+def test_a_toolkit_of_another_cuda_version_is_refused_with_what_to_do(cuda_build, monkeypatch):
+    version, calls = cuda_build
+    version["nvcc"] = "13.0"
+    with pytest.warns(UserWarning) as record:
+        assert not river.load_kernels()
+    message = str(record[-1].message)
+    assert "is CUDA 13.0 but torch was built with CUDA 12.8" in message
+    assert all(what in message for what in ADVICE), message
+    assert not calls  # refused before compiling
+    monkeypatch.setenv("RIVER_KERNELS", "ext")
+    river.load_kernels.cache_clear()
+    with pytest.raises(RuntimeError, match="RIVER_KERNELS=ext but .* CUDA 13.0 .*RIVER_KERNELS=ref"):
+        river.load_kernels()
+
+
+def test_a_failed_cuda_build_says_what_to_do(cuda_build, monkeypatch):
+    import torch.utils.cpp_extension
+
+    def broken(**kw):
+        raise RuntimeError("nvcc fatal   : Unsupported gpu architecture 'compute_120'\nlog")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    with pytest.warns(UserWarning) as record:
+        assert not river.load_kernels()
+    message = str(record[-1].message)
+    assert "the CUDA build failed (RuntimeError: nvcc fatal   : Unsupported gpu" in message
+    assert all(what in message for what in ADVICE), message
+
+
+def test_a_matching_toolkit_builds_cuda_kernels(cuda_build):
+    version, calls = cuda_build
+    assert river.load_kernels() == {"cpu", "cuda"}
+    assert {os.path.basename(s) for s in calls[0]["sources"]} >= {"vq_nearest.cu", "euler_step.cu"}
+
+
+def test_without_a_toolkit_cuda_tensors_use_the_reference(cuda_build, monkeypatch):
+    build = river.csrc_build()
+    monkeypatch.setattr(build, "want_cuda", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(UserWarning, match="built for the CPU only, and CUDA tensors use the "
+                                         "PyTorch reference ops"):
+        assert river.load_kernels() == {"cpu"}
+
+
+# ---------------------------------------------------------------------------------------
 # Launches replayed on the host
 # ---------------------------------------------------------------------------------------
 

@@ -583,7 +583,7 @@ def kernels_mode(monkeypatch):
 
 
 def test_river_dispatches_to_extension(kernels_mode, monkeypatch):
-    assert kernels_mode("ext") is True
+    assert "cpu" in kernels_mode("ext")
 
     def refuse(*args):
         raise AssertionError("the reference ran although the extension is loaded")
@@ -599,7 +599,7 @@ def test_river_dispatches_to_extension(kernels_mode, monkeypatch):
 
 
 def test_river_kernels_ref_uses_reference(kernels_mode, monkeypatch):
-    assert kernels_mode("ref") is False
+    assert kernels_mode("ref") == frozenset()
     monkeypatch.setattr(river, "vq_nearest_reference", lambda z, e: "reference vq")
     monkeypatch.setattr(river, "euler_step_reference_", lambda x, v, dt: "reference euler")
     assert river.vq_nearest(torch.randn(3, 4), torch.randn(5, 4)) == "reference vq"
