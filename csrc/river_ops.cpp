@@ -4,8 +4,11 @@
 //
 //   vq_nearest(z (N, D), codebook (K, D)) -> (indices int64 (N,), squared distances (N,))
 //     for each row z_n: k* = argmin_k ||z_n - e_k||^2 (ties -> lowest k), without ever
-//     holding the (N, K) distance matrix. Distances come back in z's dtype.
-//   euler_step_(x, v, dt): x += dt * v in place, one pass over memory.
+//     holding the (N, K) distance matrix. Distances come back in z's dtype. NaN and inf (the
+//     rule of vq_nearest_reference): a code whose ||e||^2 is not finite is never chosen; a
+//     row whose ||z||^2 is not finite, or that has no code to choose, gets index 0 and NaN.
+//   euler_step_(x, v, dt): x += dt * v in place, one pass over memory. v may be x itself
+//     (x <- (1 + dt) x); a v that overlaps x in part is refused, as add_ refuses it.
 //   Both take float32, float16 or bfloat16, compute in float32 and round once at the end.
 //   Layouts: vq_nearest copies a strided z or codebook to a contiguous one (they are only
 //   read); euler_step_ takes x and v contiguous, or dense with the same strides (e.g. both
@@ -31,37 +34,18 @@
 // default copy. torch.ops.river.set_cpu_isa("default" | "avx2" | "avx512" | "auto") forces
 // a copy (tests, benchmarks).
 //
-// Napkin math:
+// Napkin math (what was measured against it: README.md, section Kernels):
 //   vq_nearest  2*N*K*D FLOPs. Per panel and vector the micro-kernel issues D FMAs, then a
 //     min, a compare and a masked move (and a 1/R share of an index increment), all on the
 //     two vector pipes that run the FMAs: it can reach at most D/(D+3.25) of the FMA peak,
 //     55% at D=4, 71% at D=8. (AMX would not help: it multiplies bfloat16 and int8, not
-//     float32, and at D=4 the FMAs are not what limits.)
-//     AVX2, river's dev machine (2 AMD EPYC cores at ~2.45 GHz, no AVX-512): peak 2 cores x
-//     2 FMA pipes x 8 lanes x 2 x 2.45 GHz = 157 GFLOP/s. Measured before the AVX-512 copy
-//     (quiet machine): 44 GFLOP/s at N=16384 D=4 K=1024, 84-86 at K=8192-16384 (~55% of
-//     peak), 23-41x faster than torch.cdist + argmin. Not measured there since; on the Xeon
-//     below, one core of the AVX2 copy went from 49 / 56 / 72 to 60 / 64 / 80 GFLOP/s at
-//     the three benchmark sizes (lane reduction in registers, micro-kernels per D, update
-//     through vminps).
-//     AVX-512, an Intel Xeon (KVM guest, 2 cores, AVX-512 and AMX; lscpu: 2.60 GHz): peak
-//     2 cores x 2 FMA pipes x 16 lanes x 2 x 2.6 GHz = 333 GFLOP/s at that nominal clock.
-//     Two 512-bit FMA pipes is measured, not assumed: a loop of independent zmm FMAs does
-//     246 GFLOP/s on one core, 1.9-2 per cycle at the 3.9-4.1 GHz the core runs at under
-//     load (timed with a chain of imuls); the peak at that clock is ~490 GFLOP/s.
-//     Measured there (bench_kernels.py --threads 1 --cpu-time: one core, its CPU time, as
-//     the machine was shared), at N=16384 D=4 K=1024 / D=4 K=16384 / D=8 K=8192:
-//       avx512   109 / 126 / 137 GFLOP/s = 65 / 75 / 83% of the nominal one-core peak,
-//                44 / 51 / 56% at 3.85 GHz (80-93% of what the micro-kernel allows);
-//                58 / 72 / 40x faster than cdist + argmin
-//       avx2      60 /  64 /  80 GFLOP/s, 32 / 36 / 23x
-//       default   27 /  28 /  35 GFLOP/s (SSE2, no FMA), 15 / 16 / 10x
-//     Two threads make the op ~1.9x faster, and cdist + argmin 2.6 / 1.9 / 1.8x (29 / 663 /
-//     349 ms on a quiet moment): ~45 / 70 / 42x for avx512, ~25 / 37 / 24x for avx2.
+//     float32, and at D=4 the FMAs are not what limits.) The FMA peak is cores x 2 FMA pipes
+//     x W lanes x 2 FLOPs x clock: 2 cores of AVX2 at 2.45 GHz, 157 GFLOP/s; 2 of AVX-512 at
+//     2.6 GHz, 333 GFLOP/s (more under turbo). The memory is small: the packed codebook
+//     streams through L1 once per chunk, z is read once.
 //   euler_step_ 12 bytes per float32 element (read x, read v, write x) and one FMA: memory
-//     bound. 8M elements = 96 MB at the ~30 GB/s measured on the EPYC = ~3.3 ms, as fast as
-//     x.add_.
-//   For an H100 see vq_nearest.cu and euler_step.cu.
+//     bound, at best as fast as x.add_. 8M elements = 96 MB, ~3 ms at 30 GB/s.
+//   For the GPU see vq_nearest.cu and euler_step.cu.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
