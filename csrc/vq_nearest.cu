@@ -63,7 +63,9 @@ __host__ __device__ constexpr int64_t row_floats(int64_t DP) { return (DP + 1 + 
 __host__ __device__ constexpr int vectors_per_thread(int DP) {
   return DP == 0 ? 1 : DP <= 8 ? 4 : DP <= 16 ? 2 : 1;
 }
-__host__ __device__ constexpr int tile_codes(int DP) { return int(TILE_BYTES / (4 * row_floats(DP))); }
+__host__ __device__ constexpr int tile_codes(int DP) {
+  return int(TILE_BYTES / (4 * row_floats(DP)));
+}
 
 // The grid of one search: blocks x slices blocks, ks codes per slice (no slice empty).
 struct VqPlan {

@@ -109,7 +109,8 @@ def part_bench(args, device):
     print(out.stdout, out.stderr[-5000:], sep="\n")
     assert out.returncode == 0, f"bench_kernels.py exited with {out.returncode}"
     ratios = json.loads(out.stdout.strip().splitlines()[-1])
-    cdist = [v for k, v in ratios.items() if re.fullmatch(r"\w+_vq_N\d+_D\d+_K\d+_speedup_vs_cdist", k)]
+    cdist = [v for k, v in ratios.items()
+             if re.fullmatch(r"\w+_vq_N\d+_D\d+_K\d+_speedup_vs_cdist", k)]
     euler = [v for k, v in ratios.items() if k.endswith("_time_vs_add")]
     emit(ratios=ratios, summary=f"vq_nearest {min(cdist):.1f}-{max(cdist):.1f}x faster than "
                                 f"cdist; euler_step_ {max(euler):.2f}x the time of add_")
@@ -327,7 +328,8 @@ def run_part(name, args, seconds, logs):
         entry.update(status="timeout", reason=f"stopped at its limit of {seconds:.0f} s")
     elif proc.returncode != 0:
         errors = [ln for ln in output.splitlines() if re.match(r"\w*(Error|Exception)\b", ln)]
-        entry.update(status="failed", reason=(errors or output.strip().splitlines() or ["?"])[-1][:300])
+        last = (errors or output.strip().splitlines() or ["?"])[-1]
+        entry.update(status="failed", reason=last[:300])
     with open(os.path.join(logs, f"{name}.log"), "w") as f:
         f.write(output)
     return entry

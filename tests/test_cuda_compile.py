@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 NVCC = shutil.which("nvcc") or next(
     (p for p in ["/usr/local/cuda/bin/nvcc"] if os.access(p, os.X_OK)), None)
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in /usr/local/cuda/bin")
+needs_nvcc = pytest.mark.skipif(NVCC is None,
+                                reason="nvcc not found on PATH or in /usr/local/cuda/bin")
 ARCHS = ("sm_80", "sm_90")
 
 # Host programs that #include a .cu file and replay its launches with the kernel's own
@@ -140,8 +141,11 @@ using namespace river;
 template <typename T>
 int run(int64_t n, int x_off, int v_off, bool same, int sms) {
   std::vector<T> xs(n + 512), vs(n + 512), expected(n);
-  T* x = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(xs.data()) + 255) / 256 * 256) + x_off;
-  T* v = same ? x : reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(vs.data()) + 255) / 256 * 256) + v_off;
+  auto at_256 = [](T* p) {  // the first element on a 256-byte boundary
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 255) / 256 * 256);
+  };
+  T* x = at_256(xs.data()) + x_off;
+  T* v = same ? x : at_256(vs.data()) + v_off;
   const float dt = 0.375f;
   for (int64_t i = 0; i < n; ++i) {
     x[i] = from_float<T>(float(i % 1000) - 500.f);
@@ -260,9 +264,11 @@ def test_river_ops_cuda_registers_every_tensor_op():
     """Every op of the built library that takes a tensor has a CUDA kernel, registered in
     river_ops_cuda.cpp's TORCH_LIBRARY_IMPL(river, CUDA, ...) block."""
     assert river.load_kernels() or pytest.skip("the csrc/ extension does not build here")
-    ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("river::")]
-    tensor_ops = {name for name in ops if any(
-        a.type.kind() == "TensorType" for a in getattr(torch.ops.river, name).default._schema.arguments)}
+    ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+           if n.startswith("river::")]
+    schemas = {name: getattr(torch.ops.river, name).default._schema for name in ops}
+    tensor_ops = {name for name, schema in schemas.items()
+                  if any(a.type.kind() == "TensorType" for a in schema.arguments)}
     assert tensor_ops == {"vq_nearest", "euler_step_"}
     source = open(os.path.join(CSRC, "river_ops_cuda.cpp")).read()
     block = re.search(r"TORCH_LIBRARY_IMPL\(river, CUDA, m\) \{(.*?)\n\}", source, re.S)
@@ -313,7 +319,8 @@ def test_a_toolkit_of_another_cuda_version_is_refused_with_what_to_do(cuda_build
     assert not calls  # refused before compiling
     monkeypatch.setenv("RIVER_KERNELS", "ext")
     river.load_kernels.cache_clear()
-    with pytest.raises(RuntimeError, match="RIVER_KERNELS=ext but .* CUDA 13.0 .*RIVER_KERNELS=ref"):
+    with pytest.raises(RuntimeError,
+                       match="RIVER_KERNELS=ext but .* CUDA 13.0 .*RIVER_KERNELS=ref"):
         river.load_kernels()
 
 

@@ -466,7 +466,7 @@ def test_cuda_tensor_on_second_device():
     idx, dist = torch.ops.river.vq_nearest(z, codebook)
     assert idx.device == dist.device == z.device
     check_vq_nearest_result(idx, dist, z, codebook)
-    x, v = torch.randn(300001, generator=g).to("cuda:1"), torch.randn(300001, generator=g).to("cuda:1")
+    x, v = (torch.randn(300001, generator=g).to("cuda:1") for _ in range(2))
     expected = x.cpu() + 0.5 * v.cpu()
     torch.ops.river.euler_step_(x, v, 0.5)
     torch.testing.assert_close(x.cpu(), expected)
@@ -478,7 +478,8 @@ def test_cuda_side_stream():
     # the ops run on the current stream: work queued after a long wait on a side stream
     # must see the inputs written on that stream (on another stream it would read them early)
     g = torch.Generator().manual_seed(3)
-    z_src, codebook = torch.randn(20000, 4, generator=g).cuda(), torch.randn(4000, 4, generator=g).cuda()
+    z_src = torch.randn(20000, 4, generator=g).cuda()
+    codebook = torch.randn(4000, 4, generator=g).cuda()
     x_src, v = torch.randn(1 << 20, generator=g).cuda(), torch.randn(1 << 20, generator=g).cuda()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -495,7 +496,8 @@ def test_cuda_side_stream():
 @needs_cuda
 def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(4)
-    z, codebook = torch.randn(16384, 4, generator=g).cuda(), torch.randn(2048, 4, generator=g).cuda()
+    z = torch.randn(16384, 4, generator=g).cuda()
+    codebook = torch.randn(2048, 4, generator=g).cuda()
     x, v = torch.randn(100003, generator=g).cuda(), torch.randn(100003, generator=g).cuda()
     side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph asks
     side.wait_stream(torch.cuda.current_stream())
