@@ -168,8 +168,8 @@ def load():
             warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
                           "compiling the current ones (pip install --no-build-isolation -e . "
                           "rebuilds the installed copy)")
+        cuda = want_cuda()  # first: it may set CUDA_HOME, which cpp_extension reads on import
         from torch.utils.cpp_extension import load as jit_load
-        cuda = want_cuda()
         if cuda:
             check_cuda_toolkit()
         elif torch.cuda.is_available() and os.environ.get("RIVER_NO_CUDA") != "1":

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -350,6 +351,27 @@ def test_without_a_toolkit_cuda_tensors_use_the_reference(cuda_build, monkeypatc
     with pytest.warns(UserWarning, match="built for the CPU only, and CUDA tensors use the "
                                          "PyTorch reference ops"):
         assert river.load_kernels() == {"cpu"}
+
+
+def test_cuda_home_is_guessed_before_torch_reads_it():
+    """torch.utils.cpp_extension reads CUDA_HOME once, on import: build.load() must run
+    guess_cuda_home (inside want_cuda) before it imports it, or a toolkit found only by the
+    guess (nvcc a wrapper outside the toolkit) is missed and CUDA silently not built."""
+    code = "\n".join([
+        "import importlib.util, sys, torch",
+        "torch.version.cuda = '13.0'",
+        f"spec = importlib.util.spec_from_file_location('b', {os.path.join(CSRC, 'build.py')!r})",
+        "b = importlib.util.module_from_spec(spec)",
+        "spec.loader.exec_module(b)",
+        "importlib.util.find_spec = lambda name: None",
+        "b.guess_cuda_home = lambda: print('read before the guess:',",
+        "                                  'torch.utils.cpp_extension' in sys.modules)",
+        "b.check_cuda_toolkit = lambda: None",
+        "b.extension_args = lambda cuda: sys.exit(0)",
+        "b.load()"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "read before the guess: False" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------
