@@ -223,11 +223,18 @@ def vq_nearest_reference(z, codebook):
     """Nearest code for every row of z. z: (N, D), codebook: (K, D).
 
     Returns (indices int64 (N,), squared distances (N,)). Ties go to the lowest index.
+    NaN and inf, the rule the fused ops follow too: a code with a NaN or infinite entry is
+    never chosen; a row with one, or with no such code to choose from, gets index 0 and
+    distance NaN. (A row or code whose squared norm overflows float32, from entries of
+    ~1e19, counts as infinite.)
     """
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, the (N, K) matrix the fused op avoids
-    d2 = (z * z).sum(1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(1)
-    d2, idx = d2.min(1)
-    return idx, d2.clamp_min(0)
+    invalid = ~codebook.float().pow(2).sum(1).isfinite()  # (K,)
+    e = codebook.masked_fill(invalid[:, None], 0)  # an invalid code: 0 here, ||e||^2 = inf
+    e2 = (e * e).sum(1).masked_fill(invalid, math.inf)  # (K,)
+    d2, idx = ((z * z).sum(1, keepdim=True) - 2 * z @ e.t() + e2).min(1)  # min over (N, K)
+    bad = ~(z.float().pow(2).sum(1).isfinite() & (d2 < math.inf))  # (N,)
+    return idx.masked_fill(bad, 0), d2.clamp_min(0).masked_fill(bad, math.nan)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -235,9 +242,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def vq_nearest(z, codebook):
     """Nearest code search: the fused op when loaded and the inputs suit it (float32/16,
-    bfloat16, one dtype and device), else vq_nearest_reference."""
+    bfloat16, one dtype and device), else vq_nearest_reference; both follow its NaN/inf rule."""
     if (z.dtype in KERNEL_DTYPES and codebook.dtype == z.dtype and z.device == codebook.device
-            and load_kernels()):
+            and z.device.type in load_kernels()):
         return torch.ops.river.vq_nearest(z, codebook)
     return vq_nearest_reference(z, codebook)
 
@@ -645,7 +652,8 @@ def flow_loss(field, latents, cfg):
 
 def euler_step_reference_(x, v, dt):
     """x += dt * v, in place. Returns x. (float16/bfloat16: add_ rounds dt to x's dtype;
-    the fused op keeps dt in float32.)"""
+    the fused op keeps dt in float32.) v may be x itself; a v that overlaps x only in part
+    is refused, by add_ and by the fused op alike."""
     return x.add_(v, alpha=dt)
 
 
@@ -654,7 +662,7 @@ def euler_step_(x, v, dt):
     same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
     if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
             and v.device == x.device and x.is_contiguous() and v.is_contiguous()
-            and load_kernels()):
+            and x.device.type in load_kernels()):
         torch.ops.river.euler_step_(x, v, float(dt))
         return x
     return euler_step_reference_(x, v, dt)
@@ -964,23 +972,25 @@ def csrc_build():
 
 @functools.cache
 def load_kernels():
-    """True when torch.ops.river.* are usable: csrc_build().load() imports an installed build
-    of today's csrc/ sources or compiles them with ninja. Failure warns once, returns False."""
+    """The device types ("cpu", "cuda") whose tensors torch.ops.river.* take: csrc_build().load()
+    imports an installed build of today's csrc/ sources or compiles them with ninja. Empty
+    (false) when they cannot load: that warns once, with what to do."""
     mode = os.environ.get("RIVER_KERNELS", "auto")
     if mode not in ("auto", "ref", "ext"):
         raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
     if mode == "ref":
-        return False
+        return frozenset()
     try:
-        csrc_build().load()
-        return True
+        return frozenset(csrc_build().load())
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
+        advice = f"; {e.advice}" if getattr(e, "advice", None) else ""
         if mode == "ext":
-            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: {e}")
+            raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: "
+                               f"{e}{advice}")
         cause = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
-                      "using the PyTorch reference ops")
-        return False
+                      f"using the PyTorch reference ops{advice}")
+        return frozenset()
 
 
 # ---------------------------------------------------------------------------------------

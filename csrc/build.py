@@ -18,13 +18,19 @@ Flags, and why:
 Environment knobs: RIVER_NO_CUDA=1 builds the CPU extension even where CUDA could be built;
 CUDA_HOME names the toolkit (see guess_cuda_home); TORCH_CUDA_ARCH_LIST the GPU architectures.
 Nothing here imports torch at import time: setup.py must load this file without it.
+
+The CUDA toolkit must have torch's CUDA major version (torch.version.cuda): torch's builder
+refuses another, and CUDA 13 binaries need an NVIDIA driver >= 580. A failed build raises
+BuildError, whose `advice` says what to do (river.load_kernels prints it with its warning).
 """
 import glob
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import site
+import subprocess
 import sys
 import warnings
 
@@ -106,27 +112,85 @@ def extension_args(cuda, relative_to=None):
             "include_dirs": cuda_include_dirs() if cuda else [], "ldflags": omp}
 
 
+class BuildError(RuntimeError):
+    """The extension did not build; str() is the cause, `advice` what to do about it."""
+
+    def __init__(self, cause, advice):
+        super().__init__(cause)
+        self.advice = advice
+
+
+def nvcc_version(cuda_home):
+    """"major.minor" of cuda_home/bin/nvcc, or None when there is none that answers."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home or "", "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found[1] if found else None
+
+
+def cuda_advice():
+    """What to do when the CUDA kernels do not build, in one sentence."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+    return (f"the CUDA toolkit must match torch.version.cuda ({torch.version.cuda}; "
+            f"CUDA_HOME={CUDA_HOME} has nvcc {nvcc_version(CUDA_HOME) or 'unknown'}): install "
+            f"CUDA {torch.version.cuda.split('.')[0]}.x and set CUDA_HOME to it (CUDA 13 also "
+            "needs an NVIDIA driver >= 580), or set RIVER_KERNELS=ref to use the PyTorch "
+            "reference ops without building")
+
+
+def check_cuda_toolkit():
+    """Refuse a toolkit of another CUDA major version than torch's before compiling."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+    found = nvcc_version(CUDA_HOME)
+    if found and found.split(".")[0] != torch.version.cuda.split(".")[0]:
+        raise BuildError(f"nvcc in {CUDA_HOME} is CUDA {found} but torch was built with CUDA "
+                         f"{torch.version.cuda}", cuda_advice())
+
+
 def load():
-    """Make torch.ops.river.* usable, or raise. An installed river_kernels (pip install -e .,
-    setup.py build_ext --inplace) is imported if it was built from today's sources; otherwise
-    they are compiled with ninja into torch's extension cache, which recompiles only when
-    they change. Then the ops get their fakes (register_fakes)."""
+    """Make torch.ops.river.* usable and return the device types they take ("cpu", and
+    "cuda" when built with CUDA), or raise (BuildError with advice when CUDA is what failed).
+    An installed river_kernels (pip install -e ., setup.py build_ext --inplace) is imported if
+    it was built from today's sources; otherwise they are compiled with ninja into torch's
+    extension cache, which recompiles only when they change. Then the ops get their fakes."""
+    import torch
     installed = importlib.util.find_spec("river_kernels")
     if installed and built_hash(installed.origin) == source_hash():
         import river_kernels  # noqa: F401  (registers the ops)
+        cuda = torch._C._dispatch_has_kernel_for_dispatch_key("river::vq_nearest", "CUDA")
     else:
         if installed:
             warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
                           "compiling the current ones (pip install --no-build-isolation -e . "
                           "rebuilds the installed copy)")
+        cuda = want_cuda()  # first: it may set CUDA_HOME, which cpp_extension reads on import
         from torch.utils.cpp_extension import load as jit_load
-        args = extension_args(want_cuda())
+        if cuda:
+            check_cuda_toolkit()
+        elif torch.cuda.is_available() and os.environ.get("RIVER_NO_CUDA") != "1":
+            warnings.warn("river: no CUDA toolkit found (nvcc, CUDA_HOME): the csrc/ kernels "
+                          "are built for the CPU only, and CUDA tensors use the PyTorch "
+                          "reference ops; " + cuda_advice())
+        args = extension_args(cuda)
         print("river: building the csrc/ kernels with ninja (the first time compiles them, "
               "about a minute; later, only a check)", file=sys.stderr)
-        jit_load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
-                 extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
-                 extra_ldflags=args["ldflags"], is_python_module=False)
+        try:
+            jit_load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
+                     extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
+                     extra_ldflags=args["ldflags"], is_python_module=False)
+        except Exception as e:
+            if not cuda:
+                raise
+            cause = (str(e).strip().splitlines() or [""])[0]
+            raise BuildError(f"the CUDA build failed ({type(e).__name__}: {cause})",
+                             cuda_advice()) from e
     register_fakes()
+    return ("cpu", "cuda") if cuda else ("cpu",)
 
 
 def register_fakes():

@@ -3,6 +3,7 @@
 // Nothing here computes; every check names the op, the argument and what was wrong.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -31,7 +32,8 @@ inline void check_vq_nearest_args(const at::Tensor& z, const at::Tensor& codeboo
 }
 
 // x += dt * v needs x and v alike, and one flat pass over memory: both contiguous, or both
-// dense with the same strides (channels_last, a permuted tensor). Anything else is refused.
+// dense with the same strides (channels_last, a permuted tensor), and v either x's very
+// elements or apart from them. Anything else is refused.
 inline void check_euler_step_args(const at::Tensor& x, const at::Tensor& v) {
   TORCH_CHECK(is_float_type(x.scalar_type()),
               "euler_step_: x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -45,6 +47,11 @@ inline void check_euler_step_args(const at::Tensor& x, const at::Tensor& v) {
               (x.is_non_overlapping_and_dense() && x.strides() == v.strides());
   TORCH_CHECK(flat, "euler_step_: x and v must be contiguous, or dense with the same strides; "
               "got strides ", x.strides(), " and ", v.strides(), " (call .contiguous())");
+  // v may be x itself (each element reads its own old value: x <- (1 + dt) x), but not
+  // overlap x shifted: threads would read elements of v that others already overwrote
+  TORCH_CHECK(at::get_overlap_status(x, v) != at::MemOverlapStatus::Partial,
+              "euler_step_: x and v partially overlap in memory, so writing x would change v "
+              "while it is read; pass v.clone() (v may be x itself)");
 }
 
 }  // namespace river

@@ -4,8 +4,11 @@
 //
 //   vq_nearest(z (N, D), codebook (K, D)) -> (indices int64 (N,), squared distances (N,))
 //     for each row z_n: k* = argmin_k ||z_n - e_k||^2 (ties -> lowest k), without ever
-//     holding the (N, K) distance matrix. Distances come back in z's dtype.
-//   euler_step_(x, v, dt): x += dt * v in place, one pass over memory.
+//     holding the (N, K) distance matrix. Distances come back in z's dtype. NaN and inf (the
+//     rule of vq_nearest_reference): a code whose ||e||^2 is not finite is never chosen; a
+//     row whose ||z||^2 is not finite, or that has no code to choose, gets index 0 and NaN.
+//   euler_step_(x, v, dt): x += dt * v in place, one pass over memory. v may be x itself
+//     (x <- (1 + dt) x); a v that overlaps x in part is refused, as add_ refuses it.
 //   Both take float32, float16 or bfloat16, compute in float32 and round once at the end.
 //   Layouts: vq_nearest copies a strided z or codebook to a contiguous one (they are only
 //   read); euler_step_ takes x and v contiguous, or dense with the same strides (e.g. both
@@ -31,37 +34,18 @@
 // default copy. torch.ops.river.set_cpu_isa("default" | "avx2" | "avx512" | "auto") forces
 // a copy (tests, benchmarks).
 //
-// Napkin math:
+// Napkin math (what was measured against it: README.md, section Kernels):
 //   vq_nearest  2*N*K*D FLOPs. Per panel and vector the micro-kernel issues D FMAs, then a
 //     min, a compare and a masked move (and a 1/R share of an index increment), all on the
 //     two vector pipes that run the FMAs: it can reach at most D/(D+3.25) of the FMA peak,
 //     55% at D=4, 71% at D=8. (AMX would not help: it multiplies bfloat16 and int8, not
-//     float32, and at D=4 the FMAs are not what limits.)
-//     AVX2, river's dev machine (2 AMD EPYC cores at ~2.45 GHz, no AVX-512): peak 2 cores x
-//     2 FMA pipes x 8 lanes x 2 x 2.45 GHz = 157 GFLOP/s. Measured before the AVX-512 copy
-//     (quiet machine): 44 GFLOP/s at N=16384 D=4 K=1024, 84-86 at K=8192-16384 (~55% of
-//     peak), 23-41x faster than torch.cdist + argmin. Not measured there since; on the Xeon
-//     below, one core of the AVX2 copy went from 49 / 56 / 72 to 60 / 64 / 80 GFLOP/s at
-//     the three benchmark sizes (lane reduction in registers, micro-kernels per D, update
-//     through vminps).
-//     AVX-512, an Intel Xeon (KVM guest, 2 cores, AVX-512 and AMX; lscpu: 2.60 GHz): peak
-//     2 cores x 2 FMA pipes x 16 lanes x 2 x 2.6 GHz = 333 GFLOP/s at that nominal clock.
-//     Two 512-bit FMA pipes is measured, not assumed: a loop of independent zmm FMAs does
-//     246 GFLOP/s on one core, 1.9-2 per cycle at the 3.9-4.1 GHz the core runs at under
-//     load (timed with a chain of imuls); the peak at that clock is ~490 GFLOP/s.
-//     Measured there (bench_kernels.py --threads 1 --cpu-time: one core, its CPU time, as
-//     the machine was shared), at N=16384 D=4 K=1024 / D=4 K=16384 / D=8 K=8192:
-//       avx512   109 / 126 / 137 GFLOP/s = 65 / 75 / 83% of the nominal one-core peak,
-//                44 / 51 / 56% at 3.85 GHz (80-93% of what the micro-kernel allows);
-//                58 / 72 / 40x faster than cdist + argmin
-//       avx2      60 /  64 /  80 GFLOP/s, 32 / 36 / 23x
-//       default   27 /  28 /  35 GFLOP/s (SSE2, no FMA), 15 / 16 / 10x
-//     Two threads make the op ~1.9x faster, and cdist + argmin 2.6 / 1.9 / 1.8x (29 / 663 /
-//     349 ms on a quiet moment): ~45 / 70 / 42x for avx512, ~25 / 37 / 24x for avx2.
+//     float32, and at D=4 the FMAs are not what limits.) The FMA peak is cores x 2 FMA pipes
+//     x W lanes x 2 FLOPs x clock: 2 cores of AVX2 at 2.45 GHz, 157 GFLOP/s; 2 of AVX-512 at
+//     2.6 GHz, 333 GFLOP/s (more under turbo). The memory is small: the packed codebook
+//     streams through L1 once per chunk, z is read once.
 //   euler_step_ 12 bytes per float32 element (read x, read v, write x) and one FMA: memory
-//     bound. 8M elements = 96 MB at the ~30 GB/s measured on the EPYC = ~3.3 ms, as fast as
-//     x.add_.
-//   For an H100 see vq_nearest.cu and euler_step.cu.
+//     bound, at best as fast as x.add_. 8M elements = 96 MB, ~3 ms at 30 GB/s.
+//   For the GPU see vq_nearest.cu and euler_step.cu.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -73,6 +57,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
@@ -268,6 +253,8 @@ void euler_step_cpu(at::Tensor& x, const at::Tensor& v, double dt) {
 // vq_nearest: argmin_k ||z_n - e_k||^2
 // ---------------------------------------------------------------------------------------
 
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int R = 4;         // vectors per micro-kernel call (R accumulators of W lanes)
 constexpr int NC_MAX = 128;  // most vectors per chunk, the unit of work of one core
 // panels swept per tile: half of a 32 KB L1d (AMD Zen), a third of a 48 KB one (Intel)
@@ -275,8 +262,10 @@ constexpr int64_t TILE_BYTES = 16 * 1024;
 
 // The codebook packed for the micro-kernel, W codes per panel (W = one vector register of
 // float32: 4 for the default copy (SSE2, NEON), 8 for AVX2, 16 for AVX-512): panel p holds codes
-// [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes have
-// norm +inf: they never win.
+// [p*W, p*W + W) as a (D, W) block, norms[p*W + j] = ||e_{p*W+j}||^2. Padding codes, and
+// codes whose ||e||^2 is not finite (a NaN or inf entry), are zeros with norm +inf: every
+// ||e||^2 - 2 z.e of theirs is +inf (NaN for a non-finite z), never below the running
+// minimum, which starts at +inf: they are never chosen.
 template <int W>
 struct PackedCodebook {
   int64_t D, panels;
@@ -290,13 +279,15 @@ PackedCodebook<W> pack_codebook(const T* e, int64_t K, int64_t D) {
   cb.data.assign(cb.panels * D * W, 0.f);
   cb.norms.assign(cb.panels * W, std::numeric_limits<float>::infinity());
   for (int64_t k = 0; k < K; ++k) {
-    float* panel = cb.data.data() + (k / W) * D * W + k % W;
+    const T* code = e + k * D;
     float norm = 0.f;
     for (int64_t d = 0; d < D; ++d) {
-      float val = static_cast<float>(e[k * D + d]);
-      panel[d * W] = val;  // (D, W) block: code dim major
+      const float val = static_cast<float>(code[d]);
       norm += val * val;
     }
+    if (!std::isfinite(norm)) continue;  // stays a padding code
+    float* panel = cb.data.data() + (k / W) * D * W + k % W;
+    for (int64_t d = 0; d < D; ++d) panel[d * W] = static_cast<float>(code[d]);  // (D, W) block
     cb.norms[k] = norm;
   }
   return cb;
@@ -478,10 +469,12 @@ void vq_nearest_with(VqRows<W> vq_rows_isa, const T* z, const T* e, int64_t N, i
     vq_rows_isa(zm2.data(), rows, cb, val, code);
     for (int64_t i = 0; i < n; ++i) {
       float z2 = 0.f;
-      for (int64_t d = 0; d < D; ++d) z2 += 0.25f * zm2[i * D + d] * zm2[i * D + d];
-      idx[n0 + i] = code[i];
+      for (int64_t d = 0; d < D; ++d)
+        z2 += static_cast<float>(z[(n0 + i) * D + d]) * static_cast<float>(z[(n0 + i) * D + d]);
+      const bool found = std::isfinite(z2) && val[i] < kInf;  // else: the NaN/inf rule
+      idx[n0 + i] = found ? code[i] : 0;
       // ||z - e||^2 = ||z||^2 + (||e||^2 - 2 z.e), clamped: rounding can dip below 0
-      dist[n0 + i] = static_cast<T>(std::max(z2 + val[i], 0.f));
+      dist[n0 + i] = static_cast<T>(found ? std::max(z2 + val[i], 0.f) : kNaN);
     }
   });
 }

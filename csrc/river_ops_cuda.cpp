@@ -28,17 +28,20 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda(const at::Tensor& z_in,
                                                    const at::Tensor& codebook_in) {
   check_vq_nearest_args(z_in, codebook_in);
   TORCH_CHECK(z_in.is_cuda(), "vq_nearest: CUDA kernel got a tensor on ", z_in.device());
-  TORCH_CHECK(z_in.size(1) < 8 * 1024, "vq_nearest: D=", z_in.size(1),
-              " is too large for the CUDA kernel's shared-memory tile (D < 8192)");
   const c10::cuda::CUDAGuard guard(z_in.device());
   // read-only inputs: a strided view is copied once rather than refused
   const at::Tensor z = z_in.contiguous(), codebook = codebook_in.contiguous();
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
   at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
   at::Tensor dist = at::empty({N}, z.options());
+  // the codebook packed as float32 rows with their norms (the caching allocator's blocks
+  // are 512-byte aligned)
+  at::Tensor workspace = at::empty({vq_nearest_workspace_floats(K, D)},
+                                   z.options().dtype(at::kFloat));
   check_launch(launch_vq_nearest(z.const_data_ptr(), codebook.const_data_ptr(), N, K, D,
                                  dtype_of(z.scalar_type()), idx.mutable_data_ptr<int64_t>(),
-                                 dist.mutable_data_ptr(), at::cuda::getCurrentCUDAStream()),
+                                 dist.mutable_data_ptr(), workspace.mutable_data_ptr<float>(),
+                                 at::cuda::getCurrentCUDAStream()),
                "vq_nearest");
   return {idx, dist};
 }

@@ -1,11 +1,13 @@
 """Benchmark: the csrc/ ops against their PyTorch counterparts, side by side, one run.
 
-    python tests/bench_kernels.py [--repeats 7] [--threads 2] [--ghz 2.6]
+    python tests/bench_kernels.py [--repeats 7] [--threads 2] [--ghz 2.6] [--device cpu|cuda]
     python tests/bench_kernels.py --threads 1 --cpu-time    # repeatable on a busy machine
+    python tests/bench_kernels.py --quick                   # tiny sizes: checks the script
 
 Named bench_*.py so pytest does not collect it. Each fused op is first checked against its
 reference (a benchmark of a wrong kernel is worthless), then timed as the median of
-`repeats` runs after one warm-up, on the CPU and, when there is one, on the GPU:
+`repeats` runs after one warm-up, on the CPU and, when there is one, on the GPU (--device
+picks one; the GPU adds the sizes training uses, a code width of 6 and a misaligned x):
   vq_nearest   vs torch.cdist(z, e).argmin(1) and the expanded-matmul reference of river.py;
                on the CPU once per copy of the inner kernel this CPU can run (default, avx2,
                avx512, forced with torch.ops.river.set_cpu_isa), all taking turns in one run.
@@ -40,7 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import river  # noqa: E402
 
 VQ_SIZES = [(16384, 4, 1024), (16384, 4, 16384), (16384, 8, 8192)]  # (N, D, K)
-EULER_SIZES = [64 * 1024, 8 * 1024 * 1024]
+EULER_SIZES = [(64 * 1024, 0), (8 * 1024 * 1024, 0)]  # (elements, offset of x and v)
+# the GPU also: training's largest batches and a code width of 6, once a slow path, and an
+# x and v that start 1 element past 16 bytes (buf[1:])
+CUDA_VQ_SIZES = VQ_SIZES + [(65536, 4, 16384), (16384, 6, 8192)]
+CUDA_EULER_SIZES = EULER_SIZES + [(8 * 1024 * 1024, 1)]
+QUICK_VQ_SIZES, QUICK_EULER_SIZES = [(512, 4, 256)], [(4096, 0), (4096, 1)]
 
 
 def median_times(fns, repeats, device, setup=None, clock=time.perf_counter):
@@ -106,33 +113,39 @@ def cpu_peak_gflops(threads, lanes, ghz):
     Platinum and later Xeons, one pipe on some smaller Skylake-SP parts)."""
     return threads * 2 * lanes * 2 * ghz
 
-def check(device, isas):
+
+def check(device, isas, vq_sizes):
     """The fused ops agree with the references before anything is timed (vq_nearest on the
-    CPU: every copy in `isas`)."""
+    CPU: every copy in `isas`; on the GPU: at every size timed, too)."""
     g = torch.Generator().manual_seed(0)
-    z, e = torch.randn(999, 8, generator=g).to(device), torch.randn(777, 8, generator=g).to(device)
-    ref_idx, ref_dist = river.vq_nearest_reference(z, e)
-    for isa in isas if device == "cpu" else [None]:
-        if isa:
-            torch.ops.river.set_cpu_isa(isa)
-        idx, dist = torch.ops.river.vq_nearest(z, e)
-        assert (idx == ref_idx).float().mean() > 0.99, f"vq_nearest [{isa}] disagrees"
-        torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    cases = [(999, 8, 777), (999, 6, 777)] + (vq_sizes if device == "cuda" else [])
+    for N, D, K in cases:
+        z = torch.randn(N, D, generator=g).to(device)
+        e = torch.randn(K, D, generator=g).to(device)
+        ref_idx, ref_dist = river.vq_nearest_reference(z, e)
+        for isa in isas if device == "cpu" else [None]:
+            if isa:
+                torch.ops.river.set_cpu_isa(isa)
+            idx, dist = torch.ops.river.vq_nearest(z, e)
+            assert (idx == ref_idx).float().mean() > 0.99, f"vq_nearest [{isa}] disagrees"
+            torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
     if device == "cpu":
         torch.ops.river.set_cpu_isa("auto")
-    x, v = torch.randn(100003, device=device), torch.randn(100003, device=device)
-    expected = river.euler_step_reference_(x.clone(), v, 0.3)
-    torch.ops.river.euler_step_(x, v, 0.3)
-    torch.testing.assert_close(x, expected)
+    for offset in (0, 1):
+        x = torch.randn(100003 + offset, device=device)[offset:]
+        v = torch.randn(100003 + offset, device=device)[offset:]
+        expected = river.euler_step_reference_(x.clone(), v, 0.3)
+        torch.ops.river.euler_step_(x, v, 0.3)
+        torch.testing.assert_close(x, expected)
 
 
-def bench(device, repeats, isas, peaks, cpu_time):
+def bench(device, repeats, isas, peaks, cpu_time, vq_sizes, euler_sizes):
     """Rows of the table and the JSON ratios. isas: the copies of the CPU inner kernels to
     time (widest last); peaks[isa]: its FMA peak in GFLOP/s; cpu_time: time CPU calls by
     the calling thread's CPU time."""
     clock = time.thread_time if cpu_time and device == "cpu" else time.perf_counter
     rows, ratios = [], {}
-    for N, D, K in VQ_SIZES:
+    for N, D, K in vq_sizes:
         g = torch.Generator().manual_seed(N + D + K)
         z = torch.randn(N, D, generator=g).to(device)
         e = torch.randn(K, D, generator=g).to(device)
@@ -162,8 +175,9 @@ def bench(device, repeats, isas, peaks, cpu_time):
                  (name, "reference (matmul)", t["ref"],
                   f"{t['ref'] / t[paths[-1]]:.1f}x slower than [{paths[-1]}]")]
         ratios[f"{tag}_speedup_vs_reference"] = round(t["ref"] / t[paths[-1]], 2)
-    for n in EULER_SIZES:
-        x, v = torch.randn(n, device=device), torch.randn(n, device=device)
+    for n, offset in euler_sizes:
+        x = torch.randn(n + offset, device=device)[offset:]
+        v = torch.randn(n + offset, device=device)[offset:]
         y = torch.empty_like(x)
         # dt = 0 keeps x unchanged over the repeats; the op still reads and writes it all
         t = median_times({"ext": lambda: torch.ops.river.euler_step_(x, v, 0.0),
@@ -171,11 +185,11 @@ def bench(device, repeats, isas, peaks, cpu_time):
                           "copy": lambda: y.copy_(x)}, repeats, device, clock=clock)
         gbps = {"ext": 12 * n / t["ext"] / 1e9, "add": 12 * n / t["add"] / 1e9,
                 "copy": 8 * n / t["copy"] / 1e9}
-        name = f"euler_step_ n={n}"
+        name = f"euler_step_ n={n}" + (f" offset {offset}" if offset else "")
         rows += [(name, "river euler_step_", t["ext"], f"{gbps['ext']:.1f} GB/s"),
                  (name, "x.add_(v, alpha=dt)", t["add"], f"{gbps['add']:.1f} GB/s"),
                  (name, "y.copy_(x)", t["copy"], f"{gbps['copy']:.1f} GB/s")]
-        tag = f"{device}_euler_n{n}"
+        tag = f"{device}_euler_n{n}" + (f"_offset{offset}" if offset else "")
         ratios[f"{tag}_time_vs_add"] = round(t["ext"] / t["add"], 3)
         ratios[f"{tag}_bandwidth_vs_copy"] = round(gbps["ext"] / gbps["copy"], 3)
     return rows, ratios
@@ -189,22 +203,33 @@ def main():
                         help="CPU clock for the FMA peak (default: cpu MHz of /proc/cpuinfo)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time CPU calls by the thread's CPU time (needs --threads 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="time one device only (default: the CPU, and the GPU if any)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, to check the script rather than time the kernels")
     args = parser.parse_args()
     if args.cpu_time and args.threads != 1:
         parser.error("--cpu-time counts the calling thread only: use it with --threads 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     os.environ["RIVER_KERNELS"] = "ext"
-    assert river.load_kernels()
-
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    kernels = river.load_kernels()
+    devices = ([args.device] if args.device else
+               ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    missing = [d for d in devices if d not in kernels]
+    assert not missing, f"the csrc/ extension has no kernels for {missing}"
     isas = cpu_isas()
     model, ghz, flags = cpu_description(args.ghz)
     peaks = {isa: cpu_peak_gflops(args.threads, CPU_ISA_LANES[isa], ghz) for isa in isas}
     all_ratios = {}
     for device in devices:
-        check(device, isas)
+        vq_sizes, euler_sizes = ((QUICK_VQ_SIZES, QUICK_EULER_SIZES) if args.quick else
+                                 (CUDA_VQ_SIZES, CUDA_EULER_SIZES) if device == "cuda" else
+                                 (VQ_SIZES, EULER_SIZES))
+        check(device, isas, vq_sizes)
         rows, ratios = bench(device, args.repeats, isas, peaks if device == "cpu" else {},
-                             args.cpu_time)
+                             args.cpu_time, vq_sizes, euler_sizes)
         all_ratios.update(ratios)
         if device == "cpu":
             simd = " ".join(f for f in ("avx2", "fma", "avx512f", "amx_tile") if f in flags)
