@@ -32,6 +32,7 @@ import shutil
 import site
 import subprocess
 import sys
+import threading
 import warnings
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
@@ -168,7 +169,9 @@ def load():
             warnings.warn(f"river: {installed.origin} was built from other csrc/ sources; "
                           "compiling the current ones (pip install --no-build-isolation -e . "
                           "rebuilds the installed copy)")
-        cuda = want_cuda()  # first: it may set CUDA_HOME, which cpp_extension reads on import
+        # first: it may set CUDA_HOME, which cpp_extension reads on import; no CUDA build
+        # where torch has no CUDA device to run it (setup.py still builds it for later)
+        cuda = want_cuda() and torch.cuda.is_available()
         from torch.utils.cpp_extension import load as jit_load
         if cuda:
             check_cuda_toolkit()
@@ -177,8 +180,11 @@ def load():
                           "are built for the CPU only, and CUDA tensors use the PyTorch "
                           "reference ops; " + cuda_advice())
         args = extension_args(cuda)
-        print("river: building the csrc/ kernels with ninja (the first time compiles them, "
-              "about a minute; later, only a check)", file=sys.stderr)
+        # a cached build only checks, in well under a second: say something only when ninja
+        # is still at work after two, i.e. when it compiles
+        note = threading.Timer(2.0, lambda: print("river: compiling the csrc/ kernels with "
+                                                  "ninja (once, about a minute)", file=sys.stderr))
+        note.start()
         try:
             jit_load(name="river_kernels", sources=args["sources"], extra_cflags=args["cxx"],
                      extra_cuda_cflags=args["nvcc"], extra_include_paths=args["include_dirs"],
@@ -189,6 +195,8 @@ def load():
             cause = (str(e).strip().splitlines() or [""])[0]
             raise BuildError(f"the CUDA build failed ({type(e).__name__}: {cause})",
                              cuda_advice()) from e
+        finally:
+            note.cancel()
     register_fakes()
     return ("cpu", "cuda") if cuda else ("cpu",)
 

@@ -70,7 +70,7 @@ def test_a_library_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch)
     assert compiled and f"-DRIVER_SOURCE_HASH={build.source_hash()}" in compiled[0]
 
 
-def test_a_failed_build_warns_with_its_cause_and_a_build_says_so(monkeypatch, capsys):
+def test_a_failed_build_warns_with_its_cause(monkeypatch):
     import torch.utils.cpp_extension
 
     def broken(**kw):
@@ -86,4 +86,17 @@ def test_a_failed_build_warns_with_its_cause_and_a_build_says_so(monkeypatch, ca
             assert not river.load_kernels()
     finally:
         river.load_kernels.cache_clear()
-    assert "building the csrc/ kernels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds, says", [(0.0, False), (2.5, True)])
+def test_the_build_speaks_only_when_ninja_compiles(monkeypatch, capsys, seconds, says):
+    """A cached build is a check of well under a second: silent. A compile says so."""
+    import time
+
+    import torch.utils.cpp_extension
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # nothing installed
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: time.sleep(seconds))
+    build = river.csrc_build()
+    monkeypatch.setattr(build, "register_fakes", lambda: None)
+    assert build.load()[0] == "cpu"
+    assert ("compiling the csrc/ kernels" in capsys.readouterr().err) == says
