@@ -87,6 +87,8 @@ class Config:
     uvit_head: str = "ln"         # normalisation of the output head: ln | bn (bair256)
     # flow matching
     sigma_min: float = 1e-7
+    change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
+                                  # by this, not the latent (see flow_loss); 0: the paper's
     conditioning: str = "random"  # which past frames condition the field: CONDITIONING below
     dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
@@ -632,12 +634,17 @@ def target_velocity(eps, z, sigma_min):
 
 
 def flow_loss(field, latents, cfg):
-    """Flow-matching loss on a batch of latent clips (B, T, D, h, w)."""
+    """Flow-matching loss on a batch of latent clips (B, T, D, h, w). With cfg.change_scale
+    the field generates the change from the reference instead of the latent, in units of a
+    typical change: an error of the field then costs change_scale times less, which is what
+    slow real footage, where most of a frame stays put, needs."""
     B, T = latents.shape[:2]
     tau, ref, c, d = training_indices(B, T, cfg.conditioning, latents.device)
     rows = torch.arange(B, device=latents.device)
     z, z_ref = latents[rows, tau], latents[rows, ref]  # (B, D, h, w)
     z_cond = conditioning_latents(latents, ref, c, cfg)
+    if cfg.change_scale:  # generate (z - z_ref) / change_scale: what stays still is exactly 0
+        z = (z - z_ref) / cfg.change_scale
     t = torch.rand(B, device=latents.device)
     eps = torch.randn_like(z)
     x_t = interpolate(eps, z, t, cfg.sigma_min)
@@ -838,8 +845,11 @@ class River(nn.Module):
             return self.field(x, t, ref, cond, d).float()
 
         eps = torch.randn(ref.shape).to(ref.device)  # drawn on the CPU: see OFFICIAL_PARITY
-        x = warm_start_state(ref, warm_start, self.cfg.sigma_min, eps)  # s = 0: x = eps
-        return integrate(field, x, time_grid(warm_start, steps), solver)
+        scale = self.cfg.change_scale
+        start = torch.zeros_like(ref) if scale else ref  # the previous frame: no change
+        x = warm_start_state(start, warm_start, self.cfg.sigma_min, eps)  # s = 0: x = eps
+        x = integrate(field, x, time_grid(warm_start, steps), solver)
+        return ref + scale * x if scale else x
 
     @torch.no_grad()
     def refine(self, previous, frames):
