@@ -89,8 +89,6 @@ class Config:
     sigma_min: float = 1e-7
     change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
                                   # by this, not the latent (see flow_loss); 0: the paper's
-    predicts: str = "velocity"    # what the network outputs: velocity (the paper) | target
-                                  # (the end point z, from which velocity() derives v)
     conditioning: str = "random"  # which past frames condition the field: CONDITIONING below
     dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
@@ -141,8 +139,6 @@ def check_config(cfg):
     if cfg.conditioning not in CONDITIONING:
         raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use one of "
                          f"{', '.join(CONDITIONING)}")
-    if cfg.predicts not in ("velocity", "target"):
-        raise RiverError(f"predicts must be velocity or target, got {cfg.predicts!r}")
     if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
         raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
                          f"{cfg.refine_steps} and {cfg.refine_loss!r}")
@@ -637,20 +633,6 @@ def target_velocity(eps, z, sigma_min):
     return z - (1 - sigma_min) * eps
 
 
-def velocity(field, x, t, ref, cond, d, cfg):
-    """v_theta(x, t | ref, cond, d): the network's output, or with predicts="target" the
-    velocity towards its estimate z_hat of the end point, v = (z_hat - (1 - sigma_min) x) /
-    (1 - (1 - sigma_min) t), the path's own velocity were z_hat the data. One Euler step from
-    t = 0 then lands on z_hat itself, so a one-step sample is the network's estimate of the
-    mean next latent, with no noise to cancel; 1 - (1 - sigma_min) t is kept >= 0.05, where
-    the division would blow up the last 5% of the path."""
-    out = field(x, t, ref, cond, d)
-    if cfg.predicts == "velocity":
-        return out
-    remaining = (1 - (1 - cfg.sigma_min) * t).clamp_min(0.05).view(-1, *[1] * (x.dim() - 1))
-    return (out - (1 - cfg.sigma_min) * x) / remaining
-
-
 def flow_loss(field, latents, cfg):
     """Flow-matching loss on a batch of latent clips (B, T, D, h, w). With cfg.change_scale
     the field generates the change from the reference instead of the latent, in units of a
@@ -667,8 +649,7 @@ def flow_loss(field, latents, cfg):
     eps = torch.randn_like(z)
     x_t = interpolate(eps, z, t, cfg.sigma_min)
     # loss = || v_theta(x_t, t | z_ref, z_cond, d) - u_t ||^2
-    return F.mse_loss(velocity(field, x_t, t, z_ref, z_cond, d, cfg),
-                      target_velocity(eps, z, cfg.sigma_min))
+    return F.mse_loss(field(x_t, t, z_ref, z_cond, d), target_velocity(eps, z, cfg.sigma_min))
 
 
 # ---------------------------------------------------------------------------------------
@@ -861,7 +842,7 @@ class River(nn.Module):
             cond = conditioning_latents(history, last, c, self.cfg)
             t = torch.full((B,), float(t), device=x.device)
             # float32: under bf16 autocast the field's output is bf16, the state x is not
-            return velocity(self.field, x, t, ref, cond, d, self.cfg).float()
+            return self.field(x, t, ref, cond, d).float()
 
         eps = torch.randn(ref.shape).to(ref.device)  # drawn on the CPU: see OFFICIAL_PARITY
         scale = self.cfg.change_scale
