@@ -88,7 +88,8 @@ class Config:
     # flow matching
     sigma_min: float = 1e-7
     change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
-                                  # by this, not the latent (see flow_loss); 0: the paper's
+                                  # by this, not the latent (see flow_loss), and read frames out
+                                  # as the last real frame plus the decoded change; 0: the paper's
     conditioning: str = "random"  # which past frames condition the field: CONDITIONING below
     dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
@@ -868,7 +869,9 @@ class River(nn.Module):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
 
         Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
-        passed through the autoencoder, then the predictions (refined with refine=True).
+        passed through the autoencoder, then the predictions (refined with refine=True; with
+        a change_scale, the last context frame plus the decoded change since it, so that the
+        codes' error cancels wherever the latent did not change).
         `steps` are solver steps over [0, 1] (see time_grid); defaults come from the config.
         """
         if refine and self.refiner is None:
@@ -887,6 +890,8 @@ class River(nn.Module):
         z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
         frames = rearrange(frames, "(b t) c h w -> b t c h w", b=B)
+        if self.cfg.change_scale:  # keep what did not move: the last real frame + the change
+            frames[:, n:] = (context[:, -1:] + frames[:, n:] - frames[:, n - 1:n]).clamp(-1, 1)
         if refine:
             frames[:, n:] = self.refine(context[:, -1], frames[:, n:])
         return frames

@@ -42,3 +42,16 @@ def test_sampling_a_change_adds_it_to_the_reference():
     # a warm start begins at "no change": at s = 0.99 the frame barely moves
     z = model.next_latent(history, steps=100, warm_start=0.99)
     assert (z - history[:, -1]).abs().max() < 0.2 * 0.02 * 6
+
+
+def test_generating_changes_keeps_the_last_real_frame_where_nothing_changes():
+    cfg = river.replace(SMALL, change_scale=0.2)
+    model = river.River(cfg).eval()
+    # dx/dt = -x / (1 - t): on Euler's grid the state reaches exactly 0 (no change) at t = 1
+    model.field.forward = lambda x, t, ref, cond, d: -x / (1 - t.view(-1, 1, 1, 1)).clamp_min(0.02)
+    context = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    frames = model.generate_frames(context, 3, steps=49)
+    # the decoded change is nothing: the predictions are the real last frame, not its
+    # reconstruction through the codes
+    torch.testing.assert_close(frames[:, 2:], context[:, -1:].expand(-1, 3, -1, -1, -1))
+    assert (frames[:, 1] - context[:, -1]).abs().mean() > 0.1  # the context is reconstructed
