@@ -95,6 +95,8 @@ class Config:
     flow_steps: int = 4400
     flow_batch: int = 64
     flow_lr: float = 2e-3
+    augment: bool = False         # flow: train on the videos' mirror images and on every video
+                                  # played backwards too (4x the motion of a few videos)
     ema_decay: float = 0.999
     # optimisation, both stages
     warmup: int = 200
@@ -1063,7 +1065,8 @@ def sweep_temporary_files(run, stage, rank=0):
 # with other values (a longer budget, another batch size or learning rate).
 SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
                    "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
-                   "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss"}
+                   "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss",
+                   "augment"}
 
 
 def torch_load(path, trust=False):
@@ -1781,6 +1784,14 @@ def i3d_features(i3d, video, chunk=16):
 # The training stages, and the checks that keep a run directory safe
 # ---------------------------------------------------------------------------------------
 
+def augmented(clips):
+    """Clips (B, T, C, H, W) with a random half mirrored left to right and a random half played
+    backwards (the flow stage's augmentation when the data is streamed)."""
+    B = len(clips)
+    clips = torch.where(torch.rand(B, 1, 1, 1, 1, device=clips.device) < 0.5, clips.flip(-1), clips)
+    return torch.where(torch.rand(B, 1, 1, 1, 1, device=clips.device) < 0.5, clips.flip(1), clips)
+
+
 def endless(fn):
     """An endless iterator of fn() results: the batch stream of a training stage."""
     while True:
@@ -1853,12 +1864,14 @@ def load_autoencoder(model, path, trust=False, state=None):
 
 
 @torch.no_grad()
-def encode_videos(ae, clips, device, chunk=512):
-    """Latents (T_i, D, h, w) of every frame of every video held in RAM by `clips`."""
+def encode_videos(ae, clips, device, mirror=False, chunk=512):
+    """Latents (T_i, D, h, w) of every frame of every video held in RAM by `clips` (mirrored
+    left to right first with mirror=True)."""
     ae.eval()
     out = []
     for video in tqdm(clips.videos, desc="encoding", leave=False, disable=None):
         x = to_float(video)  # (T, C, H, W)
+        x = x.flip(-1) if mirror else x
         out.append(torch.cat([ae.encode(c.to(device)).cpu() for c in x.split(chunk)]))
     return out
 
@@ -1908,11 +1921,17 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
     clips = ClipDataset(data, cfg.clip_frames, cfg.frame_skip, "train", cache_mb << 20)
     shard = list(range(rank, len(clips), world))
     if clips.in_ram:  # encode once: training then never runs the encoder
-        latents = ClipDataset(encode_videos(ae, clips, device), cfg.clip_frames, cfg.frame_skip)
+        videos = encode_videos(ae, clips, device)
+        if cfg.augment:  # few videos: their mirror images too, and all of them played backwards
+            videos += encode_videos(ae, clips, device, mirror=True)
+            videos += [v.flip(0) for v in videos]
+        latents = ClipDataset(videos, cfg.clip_frames, cfg.frame_skip)
+        shard = list(range(rank, len(latents), world))
         batches = endless(lambda: latents.batch(cfg.flow_batch, shard))
     else:
         def encoded_batch():
             x = clips.batch(cfg.flow_batch, shard).to(device)  # (B, T, C, H, W)
+            x = augmented(x) if cfg.augment else x
             z = ae.encode(rearrange(x, "b t c h w -> (b t) c h w"))
             return rearrange(z, "(b t) d h w -> b t d h w", b=len(x))
         batches = endless(encoded_batch)

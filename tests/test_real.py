@@ -55,3 +55,38 @@ def test_generating_changes_keeps_the_last_real_frame_where_nothing_changes():
     # reconstruction through the codes
     torch.testing.assert_close(frames[:, 2:], context[:, -1:].expand(-1, 3, -1, -1, -1))
     assert (frames[:, 1] - context[:, -1]).abs().mean() > 0.1  # the context is reconstructed
+
+
+def test_augmented_clips_are_mirrored_or_played_backwards_or_both():
+    clips = torch.rand(400, 5, 3, 4, 6)
+    out = river.augmented(clips)
+    kinds = []
+    for x, y in zip(clips, out):
+        kinds.append(next(k for k, f in (("same", lambda v: v), ("mirror", lambda v: v.flip(-1)),
+                                         ("backwards", lambda v: v.flip(0)),
+                                         ("both", lambda v: v.flip(-1).flip(0)))
+                          if torch.equal(f(x), y)))
+    assert {k: kinds.count(k) for k in set(kinds)}.keys() == {"same", "mirror", "backwards", "both"}
+    assert all(60 < kinds.count(k) < 140 for k in set(kinds))  # each about a quarter
+
+
+def test_augment_trains_on_mirrored_and_reversed_latents(data, tmp_path, monkeypatch):
+    seen = []
+    dataset = river.ClipDataset
+
+    def spy(videos, *a, **kw):
+        if not isinstance(videos, str):
+            seen.append(videos)
+        return dataset(videos, *a, **kw)
+
+    monkeypatch.setattr(river, "ClipDataset", spy)
+    cfg = river.replace(SMALL, ae_steps=1, flow_steps=1, ae_batch=2, flow_batch=2, augment=True)
+    river.train(data, str(tmp_path / "run"), cfg)
+    videos = seen[-1]  # the flow stage's latents: the videos, mirrored, then all backwards
+    n = len(videos) // 4
+    model = river.load_river(str(tmp_path / "run"), "cpu")
+    frames = river.ClipDataset(data, 1, split="train").videos
+    first = river.to_float(frames[0])
+    torch.testing.assert_close(videos[0], model.ae.encode(first), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(videos[n], model.ae.encode(first.flip(-1)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(videos[2 * n], videos[0].flip(0))
