@@ -106,6 +106,8 @@ class Config:
     sample_steps: int = 10        # solver steps over [0, 1]; a warm start at s uses ~(1-s) of them
     warm_start: float = 0.0
     solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
+    sample_average: int = 1       # > 1: each frame is the mean of this many samples, the best
+                                  # guess in mean squared error (PSNR), no longer a sample
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
     # refinement (stage 3, optional): the refiner (RCAN) sharpens decoded frames
     refine_steps: int = 0          # 0: no refiner
@@ -131,7 +133,8 @@ CONDITIONING = {"random": "one random older frame, drawn anew at every evaluatio
 def check_config(cfg):
     """One-line errors for a config that cannot be built or trained; River checks every config
     it is built with, from the command line or from Python."""
-    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps",
+                "sample_average"):
         if getattr(cfg, key) < 1:
             raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.frame_skip < 1:
@@ -866,12 +869,20 @@ class River(nn.Module):
         return torch.stack(out, 1)
 
     @torch.no_grad()
+    def mean_latent(self, history, average, *sampler):
+        """The mean of `average` samples of next_latent (sampler: its other arguments): the
+        samples disagree where the next frame is uncertain, and their mean hedges there."""
+        many = self.next_latent(history.repeat_interleave(average, 0), *sampler)
+        return many.view(-1, average, *many.shape[1:]).mean(1)  # (B*average, ...) -> (B, ...)
+
+    @torch.no_grad()
     def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver=None,
-                        past_horizon=-1, verbose=False, refine=False):
+                        past_horizon=-1, verbose=False, refine=False, average=None):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
 
         Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
-        passed through the autoencoder, then the predictions (refined with refine=True; with
+        passed through the autoencoder, then the predictions (each the mean of `average`
+        samples, by default the config's sample_average; refined with refine=True; with
         a change_scale, the last context frame plus the decoded change since it, so that the
         codes' error cancels wherever the latent did not change).
         `steps` are solver steps over [0, 1] (see time_grid); defaults come from the config.
@@ -887,7 +898,8 @@ class River(nn.Module):
         if twice:
             history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
-            z_next = self.next_latent(history, steps, warm_start, solver, past_horizon)
+            z_next = self.mean_latent(history, average or self.cfg.sample_average, steps,
+                                      warm_start, solver, past_horizon)
             history = torch.cat([history, z_next[:, None]], 1)  # (B, L + 1, D, h, w)
         z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
@@ -1066,7 +1078,7 @@ def sweep_temporary_files(run, stage, rank=0):
 SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
                    "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
                    "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss",
-                   "augment"}
+                   "augment", "sample_average"}
 
 
 def torch_load(path, trust=False):
@@ -2118,14 +2130,15 @@ def eval_clips(data, split, context, frames, skip, videos, memory=False):
     return clips, torch.as_tensor(np.stack([flags[i][context * skip:span:skip] for i in picks]))
 
 
-def predictions(model, context, frames, batch, *sampler, past_horizon=-1):
+def predictions(model, context, frames, batch, *sampler, past_horizon=-1, average=None):
     """One sample of `frames` frames after each clip of context (M, n, C, H, W), on the CPU:
     {"model": (M, frames, C, H, W)}, and with a refiner "refined": the same sample refined.
     sampler: steps, warm_start, solver."""
     device, out = next(model.parameters()).device, {"model": [], "refined": []}
     for x in context.split(batch):
         x = x.to(device)
-        pred = model.generate_frames(x, frames, *sampler, past_horizon)[:, x.shape[1]:]
+        pred = model.generate_frames(x, frames, *sampler, past_horizon,
+                                     average=average)[:, x.shape[1]:]
         out["model"].append(pred.cpu())
         if model.refiner is not None:
             out["refined"].append(model.refine(x[:, -1], pred).cpu())
@@ -2134,7 +2147,8 @@ def predictions(model, context, frames, batch, *sampler, past_horizon=-1):
 
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver=None,
-             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1):
+             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1,
+             average=None):
     """Predict clips[:, context:] from clips[:, :context] `samples` times.
 
     Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
@@ -2151,7 +2165,7 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     scores, fakes, tic = {}, {}, time.time()
     for _ in trange(samples, desc="samples", leave=False, disable=None):
         for kind, pred in predictions(model, clips[:, :context], T - context, batch, *sampler,
-                                      past_horizon=past_horizon).items():
+                                      past_horizon=past_horizon, average=average).items():
             scores.setdefault(kind, []).append((psnr(pred, truth), ssim(pred, truth)))
             fakes.setdefault(kind, []).append(torch.cat([clips[:, :context], pred], 1)
                                               if fvd_context else pred)
@@ -2170,7 +2184,8 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     if memory is not None and memory.any():
         out["memory_frames"] = {name: {"psnr": float(p[memory].mean()), "ssim": float(s[memory].mean()),
                                        "frames": int(memory.sum())} for name, (p, s) in curves.items()}
-    out.update(nfe_per_frame=nfe_per_frame(*sampler), seconds_per_frame=seconds)
+    average = average or model.cfg.sample_average
+    out.update(nfe_per_frame=nfe_per_frame(*sampler) * average, seconds_per_frame=seconds)
     if i3d is not None:
         real = gaussian_fit(i3d_features(i3d, clips if fvd_context else truth))
         for kind, fake in fakes.items():
@@ -2392,7 +2407,7 @@ def load_model(args, device):
 
 
 def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
-             seed=0, i3d=None, protocol=None, past_horizon=None):
+             seed=0, i3d=None, protocol=None, past_horizon=None, average=None):
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
@@ -2402,13 +2417,14 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
                                memory=True)
     result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
                       seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory,
-                      past_horizon=past_horizon or -1)
+                      past_horizon=past_horizon or -1, average=average)
     result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
                           "videos": len(clips), "context": context, "predicted": frames,
                           "frame_skip": cfg.frame_skip, "samples": settings["samples"],
                           "report": settings["report"], "fvd_context": settings["fvd_context"],
                           "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver,
-                          "past_horizon": past_horizon}
+                          "past_horizon": past_horizon,
+                          "average": average or cfg.sample_average}
     print_eval(result)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -2511,7 +2527,7 @@ def cmd_sample(args):
         write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
                           warm_start=args.warm_start, solver=args.solver, verbose=True,
                           refine=args.refine or bool(args.refiner),
-                          past_horizon=args.past_horizon or -1)
+                          past_horizon=args.past_horizon or -1, average=args.average)
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -2525,7 +2541,8 @@ def cmd_eval(args):
     split = pick_split(args.data, args.split or "test", named=bool(args.split))
     with autocast(device, args.precision):
         return run_eval(model, args.data, split, out, settings, args.steps, args.warm_start,
-                        args.solver, args.seed, i3d, args.protocol, args.past_horizon)
+                        args.solver, args.seed, i3d, args.protocol, args.past_horizon,
+                        args.average)
 
 
 def cmd_demo(args):
@@ -2667,6 +2684,9 @@ def add_sampling_options(q):
     q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
     q.add_argument("--past-horizon", type=positive, help="random conditioning: draw the past "
                    "frame from the last H frames only (default: the whole past, as the paper)")
+    q.add_argument("--average", type=positive, help="each predicted frame is the mean of this "
+                   "many samples: blurrier, better in PSNR (default: the preset's, 1 but for the "
+                   "real presets)")
     q.add_argument("--solver", choices=tuple(SOLVERS),
                    help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
                         "rule, the default of --official models)")

@@ -90,3 +90,30 @@ def test_augment_trains_on_mirrored_and_reversed_latents(data, tmp_path, monkeyp
     torch.testing.assert_close(videos[0], model.ae.encode(first), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(videos[n], model.ae.encode(first.flip(-1)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(videos[2 * n], videos[0].flip(0))
+
+
+def test_an_averaged_frame_is_the_mean_of_that_many_samples():
+    cfg = river.replace(SMALL, sample_average=3)
+    model = river.River(cfg).eval()
+    history = torch.randn(2, 3, cfg.latent_dim, 8, 8)
+    torch.manual_seed(0)
+    mean = model.mean_latent(history, 3, 2, 0.0, "euler")
+    torch.manual_seed(0)
+    samples = model.next_latent(history.repeat_interleave(3, 0), 2)  # one batch: 3 per clip
+    torch.testing.assert_close(mean, samples.view(2, 3, *mean.shape[1:]).mean(1))
+    seen = []
+    model.mean_latent = lambda h, average, *a: seen.append(average) or h[:, -1]
+    model.generate_frames(torch.zeros(2, 2, 3, 32, 32), 2, steps=1)
+    model.generate_frames(torch.zeros(2, 2, 3, 32, 32), 1, steps=1, average=5)
+    assert seen == [3, 3, 5]  # the config's, unless the call says otherwise
+
+
+def test_eval_counts_the_network_evaluations_of_every_averaged_sample(data, tmp_path):
+    run = tmp_path / "run"
+    river.main(["train", "--data", data, "--run", str(run), "--ae-steps", "1", "--flow-steps",
+                "1", "--batch-size", "2"])
+    river.main(["eval", "--run", str(run), "--data", data, "--frames", "2", "--videos", "1",
+                "--steps", "2", "--average", "4", "--out", str(tmp_path / "ev")])
+    import json
+    result = json.load(open(tmp_path / "ev.json"))
+    assert result["nfe_per_frame"] == 8 and result["protocol"]["average"] == 4
