@@ -100,3 +100,18 @@ def test_the_build_speaks_only_when_ninja_compiles(monkeypatch, capsys, seconds,
     monkeypatch.setattr(build, "register_fakes", lambda: None)
     assert build.load()[0] == "cpu"
     assert ("compiling the csrc/ kernels" in capsys.readouterr().err) == says
+
+
+def test_no_cuda_build_where_torch_has_no_cuda_device(monkeypatch):
+    """A CUDA build of torch on a machine without a GPU: the JIT compiles the CPU kernels only
+    (setup.py still builds the CUDA ones, for a machine that has one)."""
+    import torch
+    import torch.utils.cpp_extension
+    build, calls = river.csrc_build(), []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(build, "want_cuda", lambda: True)  # torch has CUDA, a toolkit is there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # but no device
+    monkeypatch.setattr(build, "register_fakes", lambda: None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: calls.append(kw))
+    assert build.load() == ("cpu",)
+    assert not any(src.endswith(".cu") for src in calls[0]["sources"])

@@ -295,6 +295,7 @@ def cuda_build(monkeypatch):
     calls, version = [], {"nvcc": "12.8"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(build, "want_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a device to build for
     monkeypatch.setattr(build, "nvcc_version", lambda home: version["nvcc"])
     monkeypatch.setattr(build, "register_fakes", lambda: None)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
