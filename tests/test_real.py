@@ -117,3 +117,18 @@ def test_eval_counts_the_network_evaluations_of_every_averaged_sample(data, tmp_
     import json
     result = json.load(open(tmp_path / "ev.json"))
     assert result["nfe_per_frame"] == 8 and result["protocol"]["average"] == 4
+
+
+@pytest.mark.parametrize("preset", ["real32", "real64"])
+def test_the_real_presets_train_a_few_steps_and_predict(preset, tmp_path):
+    import data_prep
+    cfg = river.PRESETS[preset]
+    data = str(tmp_path / "d.h5")
+    data_prep.main(["synthetic", "--out", data, "--videos", "12", "--frames", "20", "--size",
+                    str(cfg.image_size)])
+    small = river.replace(cfg, ae_steps=2, flow_steps=2, ae_batch=2, flow_batch=2)
+    model = river.train(data, str(tmp_path / "run"), small)
+    assert model.cfg.change_scale and model.cfg.augment and model.cfg.sample_average == 8
+    assert model.ae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[-1] == 16
+    frames = model.eval().generate_frames(torch.zeros(1, 2, 3, cfg.image_size, cfg.image_size), 2)
+    assert frames.shape == (1, 4, 3, cfg.image_size, cfg.image_size)
