@@ -404,13 +404,14 @@ def _fit(image, size):
     return np.asarray(image, dtype=np.uint8)
 
 
-def _load_image(path, size):
-    """One image file as uint8 (size, size, 3) RGB."""
+def _load_image(path, size, crop="squeeze"):
+    """One image file as uint8 (size, size, 3) RGB, its window of `crop` (`_windows`: squeeze
+    or center) fitted by `_fit`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return _fit(image, size)
+            return _fit(image.crop(_windows(*image.size, crop)[0]), size)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
@@ -846,15 +847,19 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
     return counts, skipped
 
 
-def read_clip(path, image_size, channels=3):
+def read_clip(path, image_size, channels=3, crop="squeeze"):
     """ONE clip to predict from -> uint8 RGB (T, image_size, image_size, 3).
 
     `path`: a folder of frame images (taken in natural name order: 2.png before 10.png),
     a .npy array (T, H, W) or (T, H, W, C) with C in 1, 3, 4, uint8 or float in [0, 1],
     or a video file (.mp4, .avi, .mkv, .webm, .mov, .gif; needs PyAV). Frames are resized
     by the same rule as the `frames`, `npy` and `videos` subcommands (`_fit`), so a clip
-    looks like the training data. `channels`: 3, the only value the format has (C = 3).
+    looks like the training data; `crop` "center" cuts the central square first, as
+    `videos --crop center` (or `tiles`, whose windows are squares of the short side) did for
+    the training data. `channels`: 3, the only value the format has (C = 3).
     """
+    if crop not in ("squeeze", "center"):
+        raise DataError(f"a clip is cut by --crop squeeze or center, got {crop!r}")
     if channels != 3:
         raise DataError(f"frames are RGB (C = 3), got channels={channels}")
     if image_size < 1:
@@ -866,26 +871,29 @@ def read_clip(path, image_size, channels=3):
         if not files:
             raise DataError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"pass a folder of frames, a .npy file or a video file")
-        return np.stack([_load_image(p, image_size) for p in files])
+        return np.stack([_load_image(p, image_size, crop) for p in files])
     if not path.exists():
         raise DataError(f"{path} does not exist; pass a folder of frames, a .npy file or a "
                         f"video file")
     if path.suffix.lower() == ".npy":
-        return _npy_clip(path, image_size)
+        return _npy_clip(path, image_size, crop)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
-        return _decode(path, image_size)[0]
+        return _decode(path, image_size, crop=crop)[0]
     raise DataError(f"{path}: unknown kind of clip; pass a folder of frame images, a .npy "
                     f"file or a video file ({', '.join(VIDEO_EXTENSIONS)})")
 
 
-def _npy_clip(path, size):
-    """A .npy clip (T, H, W[, C]) -> RGB frames fitted by `_fit`, (T, size, size, 3)."""
+def _npy_clip(path, size, crop="squeeze"):
+    """A .npy clip (T, H, W[, C]) -> RGB frames, the window of `crop` fitted by `_fit`,
+    (T, size, size, 3)."""
     array = _load_npy(path)
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not len(array):
         raise DataError(f"{path} has shape {array.shape}; a clip is (T, H, W) or (T, H, W, C) "
                         f"with C = 1, 3 or 4 and T >= 1")
+    left, top, right, bottom = _windows(array.shape[2], array.shape[1], crop)[0]
+    array = array[:, top:bottom, left:right]
     return _resize_video(_rgb(_uint8_converter(array)(array)), size)
 
 

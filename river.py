@@ -2514,7 +2514,7 @@ def cmd_sample(args):
         raise RiverError("nothing to predict from: pass --data FILE (its test split) or --input "
                          "(a video file, a folder of frames or a .npy clip)")
     if args.input:
-        clip = data_prep.read_clip(args.input, cfg.image_size, cfg.channels)  # uint8 (T, H, W, C)
+        clip = data_prep.read_clip(args.input, cfg.image_size, crop=args.crop)  # (T, H, W, C)
         clips = to_float(clip)[None]  # (1, T, C, H, W)
         if clips.shape[1] < context:
             raise RiverError(f"{args.input} has {clips.shape[1]} frames, fewer than --context "
@@ -2718,6 +2718,9 @@ def build_parser():
     s.add_argument("--run", default="runs/tiny", help="run directory")
     s.add_argument("--input", help="your own clip: a video file, a folder of frames (natural "
                    "order) or a .npy (T, H, W[, C]); resized as data_prep.py does")
+    s.add_argument("--crop", choices=("squeeze", "center"), default="squeeze",
+                   help="--input: the whole frame squeezed to a square, or its central square "
+                   "(for a model trained on `videos --crop center` or `tiles`) (default: squeeze)")
     s.add_argument("--num", type=positive, default=4, help="videos to predict (default: 4)")
     s.add_argument("--out", default="pred.gif", help="the GIF to write; a PNG grid is written "
                    "beside it (default: pred.gif)")

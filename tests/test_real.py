@@ -132,3 +132,29 @@ def test_the_real_presets_train_a_few_steps_and_predict(preset, tmp_path):
     assert model.ae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[-1] == 16
     frames = model.eval().generate_frames(torch.zeros(1, 2, 3, cfg.image_size, cfg.image_size), 2)
     assert frames.shape == (1, 4, 3, cfg.image_size, cfg.image_size)
+
+
+def test_a_clip_to_predict_from_can_be_cut_to_its_central_square(tmp_path, av):
+    import numpy as np
+    from PIL import Image
+
+    import data_prep
+    from conftest import write_video
+    frames = (np.random.default_rng(0).random((4, 24, 40, 3)) * 255).astype(np.uint8)
+    center = frames[:, :, 8:32]  # the 24x24 middle of a 40-wide frame
+    np.save(tmp_path / "clip.npy", frames)
+    np.save(tmp_path / "center.npy", center)
+    assert np.array_equal(data_prep.read_clip(tmp_path / "clip.npy", 16, crop="center"),
+                          data_prep.read_clip(tmp_path / "center.npy", 16))
+    assert not np.array_equal(data_prep.read_clip(tmp_path / "clip.npy", 16),
+                              data_prep.read_clip(tmp_path / "center.npy", 16))
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{i}.png")
+    assert np.array_equal(data_prep.read_clip(tmp_path / "frames", 16, crop="center"),
+                          data_prep.read_clip(tmp_path / "center.npy", 16))
+    write_video(tmp_path / "clip.mkv", frames)  # lossless
+    assert np.array_equal(data_prep.read_clip(tmp_path / "clip.mkv", 16, crop="center"),
+                          data_prep.read_clip(tmp_path / "center.npy", 16))
+    with pytest.raises(data_prep.DataError, match="squeeze or center"):
+        data_prep.read_clip(tmp_path / "clip.npy", 16, crop="tiles")
