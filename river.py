@@ -1163,7 +1163,8 @@ class RunLog:
     def plot(self):
         """loss.png: training loss of each stage against steps."""
         rows = self.rows() if self.enabled else []
-        stages = [s for s in ("ae", "flow", "refine") if any(r.get("stage") == s and "loss" in r for r in rows)]
+        stages = [s for s in ("ae", "flow", "refine")
+                  if any(r.get("stage") == s and "loss" in r for r in rows)]
         if not stages:
             return
         plt = pyplot()
@@ -2047,7 +2048,8 @@ def check_run(run, cfg, stage="all", ae=None, resume=False, force=False, trust=F
                          f"--{later[-1]}-steps, to start over --force")
     ae_state = ae_state if ae else ckpts["ae"] and ckpts["ae"]["model"]
     for s in later:
-        if s in todo and ae_state is not None and ckpts[s].get("ae_hash") != ae_fingerprint(ae_state):
+        if (s in todo and ae_state is not None
+                and ckpts[s].get("ae_hash") != ae_fingerprint(ae_state)):
             raise RiverError(f"{found[s]} was trained on another autoencoder than "
                              f"{ae or found['ae']}: pass the same --ae, or --force to start over")
     return ckpts
@@ -2083,6 +2085,8 @@ def train(data, run, cfg, stage="all", ae=None, resume=False, force=False, trust
     perceptual loss. options: cache_mb, accum, ckpt_every, precision. Returns the River (the flow
     stage's EMA field)."""
     ae_state, todo = None, stages_of(stage, cfg)
+    if "refine" in todo and not cfg.refine_steps:
+        raise RiverError("--stage refine needs --refine-steps N (the preset trains no refiner)")
     if ae and todo != ("ae",):  # the file is read once, for the checks and the stages
         ckpt = torch_load(ae, trust)
         if "river" not in ckpt:  # a taming/CLEVRER file: official latents stay unscaled
@@ -2461,8 +2465,6 @@ def make_config(args):
         cfg = replace(cfg, **{k: v for k, v in ((f"{stage}_steps", args.steps),
                                                 (f"{stage}_lr", args.lr)) if v is not None})
     check_config(cfg)
-    if args.stage == "refine" and not cfg.refine_steps:
-        raise RiverError("--stage refine needs --refine-steps N (the preset trains no refiner)")
     return cfg
 
 
