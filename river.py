@@ -86,7 +86,8 @@ class Config:
     uvit_mid_depth: int = 5
     uvit_head: str = "ln"         # normalisation of the output head: ln | bn (bair256)
     # flow matching
-    sigma_min: float = 1e-7
+    sigma_min: float = 1e-7       # the official configs': x_1 is z up to a 1e-7-wide Gaussian,
+                                  # so the path ends at the data (0 would make that exact)
     change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
                                   # by this, not the latent (see flow_loss), and read frames out
                                   # as the last real frame plus the decoded change; 0: the paper's
