@@ -2,6 +2,7 @@
 
     python tests/bench_real.py DIR [--image_size 32|64] [--preset P] [--crop tiles|center]
                                [--out FOLDER] [--ae-steps N] [--flow-steps N] [--batch-size N]
+                               [--precision fp32|bf16]
 
 Three steps, each a subprocess whose progress goes to stderr:
 1. data: every video below DIR cut into square crops (`data_prep.py videos --crop tiles`:
@@ -9,15 +10,16 @@ Three steps, each a subprocess whose progress goes to stderr:
    75% of each video's frames to train, the last 25% to test, cut into 16-frame test clips
    (`--time_split 0.75 --test_length 16`); written to OUT/<DIR name>-<size>.h5.
 2. training: `river.py train --preset real32` (real64 for --image_size 64) into
-   OUT/<DIR name>-<preset>, with --resume, so a rerun continues a stopped run and a finished
-   one only loads. --ae-steps, --flow-steps and --batch-size go to river as they are (a toy
-   budget for CI; the preset's otherwise).
+   OUT/<DIR name>-<preset> (-bf16 appended under --precision bf16), with --resume, so a
+   rerun continues a stopped run and a finished one only loads. --ae-steps, --flow-steps
+   and --batch-size go to river as they are (a toy budget for CI; the preset's otherwise);
+   --precision to training and evaluation.
 3. evaluation: `river.py eval --context 2 --frames 14 --videos 0` (every test clip).
 
 Then ONE JSON line on stdout: PSNR and SSIM of the model (mean over clips and frames), of
 copying the last context frame, and of the autoencoder's reconstruction of the same frames
 (the ceiling of any prediction decoded by it); the train videos and test clips; image size,
-preset, steps; the training seconds of each stage (from the run's metrics.jsonl, so they
+preset, precision, steps; the training seconds of each stage (from the run's metrics.jsonl, so they
 add up over reruns); the CPU. A rerun reuses the HDF5 file if it exists: use another --out,
 or delete the file, for other footage or other crops.
 """
@@ -83,6 +85,8 @@ def main(argv=None):
     p.add_argument("--ae-steps", type=int)
     p.add_argument("--flow-steps", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: train and evaluate under bfloat16 autocast (CPUs with AMX)")
     args = p.parse_args(argv)
     source, out = Path(args.dir), Path(args.out)
     preset = args.preset or f"real{args.image_size}"
@@ -90,7 +94,8 @@ def main(argv=None):
         sys.exit(f"bench_real: {source} is not a folder of videos")
     out.mkdir(parents=True, exist_ok=True)
     name = source.resolve().name
-    data, run_dir = out / f"{name}-{args.image_size}.h5", out / f"{name}-{preset}"
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    data, run_dir = out / f"{name}-{args.image_size}.h5", out / f"{name}-{preset}{suffix}"
     tic = time.time()
 
     if data.exists():
@@ -103,10 +108,11 @@ def main(argv=None):
                                     ("--flow-steps", args.flow_steps),
                                     ("--batch-size", args.batch_size))
               if value is not None for x in (flag, value)]
+    precision = ("--precision", args.precision)
     run("river.py", "train", "--data", data, "--run", run_dir, "--preset", preset, "--resume",
-        *budget)
+        *budget, *precision)
     run("river.py", "eval", "--run", run_dir, "--data", data, "--context", CONTEXT,
-        "--frames", FRAMES, "--videos", 0)
+        "--frames", FRAMES, "--videos", 0, *precision)
 
     result = json.loads((run_dir / "eval.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -117,6 +123,7 @@ def main(argv=None):
         return {m: round(result[key][m], 4) for m in ("psnr", "ssim")}
     print(json.dumps({
         "data": str(source), "image_size": args.image_size, "preset": preset, "crop": args.crop,
+        "precision": args.precision,
         "train_videos": train_videos, "test_clips": result["protocol"]["videos"],
         "model": scores("model_mean"), "copy_last": scores("copy_last"),
         "autoencoder": scores("autoencoder"),

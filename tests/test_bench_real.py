@@ -41,7 +41,7 @@ def test_bench_real_prints_one_json_line(tmp_path, av):
             "preset", "train_s", "cpu"} <= set(row)
     # 64x48 -> 2 tiles per video; 80 frames -> 60 train, 20 test = one 16-frame clip
     assert row["train_videos"] == 4 and row["test_clips"] == 4
-    assert row["image_size"] == 32 and row["preset"] == "real32"
+    assert row["image_size"] == 32 and row["preset"] == "real32" and row["precision"] == "fp32"
     assert row["steps"] == {"ae": 2, "flow": 2}
     for key in ("model", "copy_last", "autoencoder"):
         assert math.isfinite(row[key]["psnr"]) and 3 < row[key]["psnr"] < 60
