@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--flow-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="bf16: train and evaluate under bfloat16 autocast (CPUs with AMX)")
+                   help="bf16: train and evaluate under bfloat16 autocast (README: when it pays)")
     args = p.parse_args(argv)
     source, out = Path(args.dir), Path(args.out)
     preset = args.preset or f"real{args.image_size}"
