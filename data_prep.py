@@ -736,31 +736,68 @@ def _split_by_fraction(files, root, val_frac, test_frac):
     return {name: videos for name, videos in splits.items() if videos}
 
 
-def _time_pieces(windows, fraction, length):
-    """(split, video) pairs of one decoded file (K, T, ...) split in time: the first
-    fraction * T frames (rounded half up) go to train, one video per window; the rest to
-    test, cut into consecutive videos of `length` frames (None: the whole rest), a shorter
-    end left out."""
-    frames = windows.shape[1]
-    cut = int(fraction * frames + 0.5)
-    length = length or frames - cut
-    train = [("train", w[:cut]) for w in windows] if cut else []
-    starts = range(cut, frames - length + 1, length) if length else []
-    return train + [("test", w[a:a + length]) for w in windows for a in starts]
+DEFAULT_GAP = 8  # kept frames dropped before val and before test: ~1/3 s of 25 fps video
 
 
-def _check_video_options(image_size, every, max_frames, crop, time_split, test_length):
+def _time_fractions(time_split):
+    """--time_split as (train, val) fractions: 'F' (or the number F) -> (F, 0), no val;
+    'F,V' (or (F, V)) -> (F, V). Test gets the rest."""
+    given = time_split if isinstance(time_split, str) else ",".join(
+        map(str, np.atleast_1d(time_split)))
+    try:
+        parts = [float(part) for part in given.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or not all(0 < p < 1 for p in parts) or sum(parts) >= 1:
+        raise DataError(f"--time_split {given} must be F or F,V with F (train) and V (val) in "
+                        f"(0, 1) summing to less than 1, the rest test: e.g. 0.7,0.15")
+    return parts[0], (parts[1] if len(parts) == 2 else 0.0)
+
+
+def _time_bounds(frames, fractions, gap):
+    """{split: (start, stop)}: the frame ranges of one video of `frames` kept frames split
+    in time. Fractions (train, val) of the frames, rounded half up, give the cuts; the
+    first `gap` frames after each cut are dropped, so neighbouring frames, which are nearly
+    the same, never sit on both sides of a cut. No val part when val is 0. A part whose
+    gap leaves no frames has start >= stop."""
+    train, val = fractions
+    cuts = [int(f * frames + 0.5) for f in ((train, train + val) if val else (train,))]
+    edges = [0, *cuts, frames]
+    names = ("train", "val", "test") if val else ("train", "test")
+    return {name: (edges[k] + (gap if k else 0), edges[k + 1]) for k, name in enumerate(names)}
+
+
+def _time_pieces(windows, fractions, length, gap):
+    """(split, video) pairs of one decoded file (K, T, ...) split in time (`_time_bounds`):
+    the train part is one video per window; val and test are cut into consecutive videos
+    of `length` frames (None: each part whole), a shorter end left out."""
+    pieces = []
+    for split, (start, stop) in _time_bounds(windows.shape[1], fractions, gap).items():
+        size = stop - start if split == "train" or not length else length
+        starts = range(start, stop - size + 1, size) if size > 0 else []
+        pieces += [(split, w[a:a + size]) for w in windows for a in starts]
+    return pieces
+
+
+def _check_video_options(image_size, every, max_frames, crop, time_split, test_length, gap):
+    """Fail on bad options before any work; returns (train, val) fractions of a time split
+    (None without one) and its gap."""
     if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
         raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
                         f"{every}, {max_frames} and {image_size}")
     if crop not in CROPS:
         raise DataError(f"unknown --crop {crop!r}; use one of {', '.join(CROPS)}")
-    if time_split is not None and not 0 < time_split < 1:
-        raise DataError(f"--time_split {time_split} must lie in (0, 1): the fraction of each "
-                        f"video's frames that goes to train")
-    if test_length is not None and (time_split is None or test_length < 1):
-        raise DataError(f"--test_length {test_length} cuts the test part of --time_split into "
-                        f"videos: pass --time_split too, and a length of at least 1")
+    for flag, value in (("test_length", test_length), ("gap", gap)):
+        if value is not None and time_split is None:
+            raise DataError(f"--{flag} {value} applies to a time split: pass --time_split too")
+    if test_length is not None and test_length < 1:
+        raise DataError(f"--test_length {test_length} must be at least 1: the frames of "
+                        f"each val and test video")
+    if gap is not None and gap < 0:
+        raise DataError(f"--gap {gap} must be at least 0: the frames dropped at each cut")
+    if time_split is None:
+        return None, None
+    return _time_fractions(time_split), DEFAULT_GAP if gap is None else gap
 
 
 def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups, time_split):
@@ -794,27 +831,31 @@ def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_group
 def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
                    test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
                    skip_bad=False, force=False, progress=True, crop="squeeze", time_split=None,
-                   test_length=None):
+                   test_length=None, gap=None):
     """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
     [skipped files]).
 
     Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
     folder (searched recursively) by `split_by` (a regex on file names, see
     `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
-    neither, everything goes to train. Or, alone, `time_split` F: every video's first F of
-    its frames go to train, the rest to test in videos of `test_length` frames
-    (`_time_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each
-    cut by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
-    Each file is decoded once; its videos are written in file order.
+    neither, everything goes to train. Or, alone, `time_split` 'F,V' (or F): every video
+    split in time, its first F of the frames to train, the next V to val, the rest to test,
+    `gap` frames (default DEFAULT_GAP) dropped at each cut, val and test cut into videos of
+    `test_length` frames (`_time_bounds`, `_time_pieces`). Every `every`-th frame is kept,
+    at most `max_frames` per video, each cut by `crop` (`_windows`: tiles make several
+    videos of one file) and resized by `_fit`. Each file is decoded once; its videos are
+    written in file order.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
-    _check_video_options(image_size, every, max_frames, crop, time_split, test_length)
+    fractions, gap = _check_video_options(image_size, every, max_frames, crop, time_split,
+                                          test_length, gap)
     files = _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups,
                          time_split)
     _av()  # fail now, not at the first file, when PyAV is missing
-    given = {"time_split": time_split, "test_length": test_length}
+    given = {"time_split": fractions and ",".join(f"{x:g}" for x in fractions if x),
+             "gap": gap, "test_length": test_length}
     attrs = {"kind": "videos", "crop": crop, **{k: v for k, v in given.items() if v is not None}}
     skipped, decoded, writers = [], dict.fromkeys(files, 0), {}
     jobs = [(split, path) for split, group in files.items() for path in group]
@@ -828,8 +869,8 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
                 skipped.append(str(path))
                 continue
             decoded[split] += 1
-            pieces = ([(split, w) for w in windows] if time_split is None else
-                      _time_pieces(windows, time_split, test_length))
+            pieces = ([(split, w) for w in windows] if fractions is None else
+                      _time_pieces(windows, fractions, test_length, gap))
             for name, video in pieces:
                 if name not in writers:
                     writers[name] = _SplitWriter(f, name)
@@ -838,11 +879,12 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
             if not count:
                 raise DataError(f"none of the {len(files[split])} files of split '{split}' "
                                 f"could be decoded; check the files")
-        for name in ("train", "test") if time_split is not None else ():
+        for name in (SPLITS if fractions[1] else ("train", "test")) if fractions else ():
             if name not in writers:
                 raise DataError(f"no video has frames enough for a {name} video with "
-                                f"--time_split {time_split:g} and --test_length {test_length}; "
-                                f"use longer videos or a lower --test_length")
+                                f"--time_split {attrs['time_split']}, --gap {gap} and "
+                                f"--test_length {test_length}; use longer videos, a lower "
+                                f"--gap or a lower --test_length")
         counts = {name: len(w.lengths) for name, w in writers.items()}
     return counts, skipped
 
@@ -1256,7 +1298,7 @@ def _parser():
     p = commands.add_parser(
         "videos", help="video files (.mp4 .avi .mkv .webm .mov .gif) -> HDF5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
+        description=f"""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
 
 Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
 Frames: every --every-th frame from the first, at most --max_frames per video; a phone's
@@ -1280,12 +1322,18 @@ Splits, one of:
   --val_frac F --test_frac F
                   that fraction of the files, picked by a hash of each file's path below DIR
                   (deterministic, mixes subfolders), goes to val / test
-  --time_split F [--test_length N]
+  --time_split F,V [--gap G] [--test_length N]
                   split every video in TIME, for a few long videos that cannot be split by
-                  file: its first F * T kept frames (rounded) go to train (one video per file
-                  and tile), the rest to test, cut into consecutive videos of N frames (the
-                  end shorter than N dropped; without N, the rest as one video). No frame is
-                  in both. Takes a flat folder and none of the options above.
+                  file (the within-video measure): of each video's kept frames, the first
+                  F (rounded) go to train, the next V to val, the rest to test; the first G
+                  frames after each cut are dropped (default {DEFAULT_GAP}), so nearly identical
+                  neighbouring frames are never on both sides of a cut. Train is one video
+                  per file (and tile); val and test are cut into consecutive videos of N
+                  frames (the end shorter than N dropped; without N, each part is one
+                  video). A part too short for a video gives none. No frame is in two
+                  splits. --time_split F (one fraction): F to train, the rest to test, no
+                  val. E.g. --time_split 0.7,0.15 --test_length 16. Takes a flat folder
+                  and none of the options above.
   none of these   every video goes to train
 
 A file that cannot be decoded stops the conversion with its name (nothing is written), or is
@@ -1303,10 +1351,13 @@ skipped and counted with --skip-bad. The output is written atomically.""")
     _flag(p, "crop", default="squeeze", choices=CROPS,
           help="squeeze (default: whole frame), center (central square) or tiles (squares "
           "covering the long side, each its own video)")
-    _flag(p, "time_split", type=float, metavar="F",
-          help="first F of every video's frames to train, the rest to test")
+    _flag(p, "time_split", metavar="F[,V]",
+          help="split every video in time: first F of its frames to train, next V to val, "
+          "the rest to test (e.g. 0.7,0.15)")
+    _flag(p, "gap", type=int, metavar="G",
+          help=f"with --time_split: frames dropped after each cut (default {DEFAULT_GAP})")
     _flag(p, "test_length", type=int, metavar="N",
-          help="with --time_split: cut the test part into videos of N frames")
+          help="with --time_split: cut the val and test parts into videos of N frames")
     _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
@@ -1372,7 +1423,7 @@ def main(argv=None):
                 args.data_dir, args.out, args.image_size, args.every, args.max_frames,
                 args.val_frac, args.test_frac, args.split_by, args.val_groups,
                 args.test_groups, args.skip_bad, args.force, crop=args.crop,
-                time_split=args.time_split, test_length=args.test_length)
+                time_split=args.time_split, test_length=args.test_length, gap=args.gap)
             print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                   + " videos")
             if skipped:
