@@ -775,16 +775,20 @@ def _time_bounds(frames, fractions, gap):
     return {name: (edges[k] + (gap if k else 0), edges[k + 1]) for k, name in enumerate(names)}
 
 
+def _pieces(split, windows, start, stop, length):
+    """(split, video) pairs of frames start..stop of each window of a decoded file
+    (K, T, ...): train keeps them as one video; val and test are cut into consecutive
+    videos of `length` frames (None: one video), a shorter end left out."""
+    size = stop - start if split == "train" or not length else length
+    starts = range(start, stop - size + 1, size) if size > 0 else []
+    return [(split, w[a:a + size]) for w in windows for a in starts]
+
+
 def _time_pieces(windows, fractions, length, gap):
-    """(split, video) pairs of one decoded file (K, T, ...) split in time (`_time_bounds`):
-    the train part is one video per window; val and test are cut into consecutive videos
-    of `length` frames (None: each part whole), a shorter end left out."""
-    pieces = []
-    for split, (start, stop) in _time_bounds(windows.shape[1], fractions, gap).items():
-        size = stop - start if split == "train" or not length else length
-        starts = range(start, stop - size + 1, size) if size > 0 else []
-        pieces += [(split, w[a:a + size]) for w in windows for a in starts]
-    return pieces
+    """(split, video) pairs of one decoded file split in time (`_time_bounds`, `_pieces`)."""
+    bounds = _time_bounds(windows.shape[1], fractions, gap)
+    return [piece for split, (start, stop) in bounds.items()
+            for piece in _pieces(split, windows, start, stop, length)]
 
 
 def _check_video_options(image_size, every, max_frames, crop, time_split, test_length, gap):
@@ -795,9 +799,8 @@ def _check_video_options(image_size, every, max_frames, crop, time_split, test_l
                         f"{every}, {max_frames} and {image_size}")
     if crop not in CROPS:
         raise DataError(f"unknown --crop {crop!r}; use one of {', '.join(CROPS)}")
-    for flag, value in (("test_length", test_length), ("gap", gap)):
-        if value is not None and time_split is None:
-            raise DataError(f"--{flag} {value} applies to a time split: pass --time_split too")
+    if gap is not None and time_split is None:
+        raise DataError(f"--gap {gap} applies to a time split: pass --time_split too")
     if test_length is not None and test_length < 1:
         raise DataError(f"--test_length {test_length} must be at least 1: the frames of "
                         f"each val and test video")
@@ -848,11 +851,11 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
     `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
     neither, everything goes to train. Or, alone, `time_split` 'F,V' (or F): every video
     split in time, its first F of the frames to train, the next V to val, the rest to test,
-    `gap` frames (default DEFAULT_GAP) dropped at each cut, val and test cut into videos of
-    `test_length` frames (`_time_bounds`, `_time_pieces`). Every `every`-th frame is kept,
-    at most `max_frames` per video, each cut by `crop` (`_windows`: tiles make several
-    videos of one file) and resized by `_fit`. Each file is decoded once; its videos are
-    written in file order.
+    `gap` frames (default DEFAULT_GAP) dropped at each cut (`_time_bounds`). With any
+    split, val and test videos are cut into consecutive videos of `test_length` frames
+    (`_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each cut
+    by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
+    Each file is decoded once; its videos are written in file order.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -877,8 +880,9 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
                 skipped.append(str(path))
                 continue
             decoded[split] += 1
-            pieces = ([(split, w) for w in windows] if fractions is None else
-                      _time_pieces(windows, fractions, test_length, gap))
+            pieces = (_pieces(split, windows, 0, windows.shape[1], test_length)
+                      if fractions is None else _time_pieces(windows, fractions, test_length,
+                                                             gap))
             for name, video in pieces:
                 if name not in writers:
                     writers[name] = _SplitWriter(f, name)
@@ -887,21 +891,20 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
             if not count:
                 raise DataError(f"none of the {len(files[split])} files of split '{split}' "
                                 f"could be decoded; check the files")
-        if fractions:
-            _check_time_parts(writers, attrs)
+        _check_parts(writers, files if fractions is None else
+                     SPLITS if fractions[1] else ("train", "test"), attrs)
         counts = {name: len(w.lengths) for name, w in writers.items()}
     return counts, skipped
 
 
-def _check_time_parts(writers, attrs):
-    """Fail unless every split of a time split (`attrs` of its file) got a video."""
-    names = SPLITS if "," in attrs["time_split"] else ("train", "test")
-    for name in names:
+def _check_parts(writers, splits, attrs):
+    """Fail unless each of `splits` got a video (val and test clips need frames enough)."""
+    for name in splits:
         if name not in writers:
-            raise DataError(f"no video has frames enough for a {name} video with --time_split "
-                            f"{attrs['time_split']}, --gap {attrs['gap']} and --test_length "
-                            f"{attrs.get('test_length')}; use longer videos, a lower --gap or "
-                            f"a lower --test_length")
+            given = ", ".join(f"--{k} {attrs[k]}" for k in ("time_split", "gap", "test_length")
+                              if k in attrs)
+            raise DataError(f"no video has frames enough for a {name} video with {given}; use "
+                            f"longer videos or lower values")
 
 
 def read_clip(path, image_size, channels=3, crop="squeeze"):
@@ -1570,6 +1573,10 @@ Splits, one of:
                   and none of the options above.
   none of these   every video goes to train
 
+--test_length N, with any of these splits, cuts every val and test video into consecutive
+videos of N frames (the end shorter than N dropped), so that evaluation, which predicts
+from the start of each test video, gets many clips, not one a file.
+
 A file that cannot be decoded stops the conversion with its name (nothing is written), or is
 skipped and counted with --skip-bad. The output is written atomically."""
 
@@ -1639,7 +1646,7 @@ def _videos_command(commands):
     _flag(p, "gap", type=int, metavar="G",
           help=f"with --time_split: frames dropped after each cut (default {DEFAULT_GAP})")
     _flag(p, "test_length", type=int, metavar="N",
-          help="with --time_split: cut the val and test parts into videos of N frames")
+          help="cut val and test videos into consecutive videos of N frames")
     _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 

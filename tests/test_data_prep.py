@@ -671,6 +671,23 @@ def test_videos_time_split_one_fraction_and_default_gap(tmp_path, av):
     assert frame_ids(read_split(tmp_path / "e.h5", "test")) == ids_of((14, 16, 18))
 
 
+def test_videos_test_length_cuts_val_and_test_of_any_split(tmp_path, av):
+    for split, k in (("train", 0), ("test", 1)):
+        (tmp_path / "d" / split).mkdir(parents=True)
+        write_video(tmp_path / "d" / split / f"{split}.mkv", numbered_video(k))
+    out = tmp_path / "f.h5"
+    assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 8,
+                      "--crop", "tiles", "--test_length", 6) == 0
+    train, test = read_split(out, "train"), read_split(out, "test")
+    assert frame_ids(train) == ids_of(range(20), files=(0,))  # train stays whole
+    assert [len(v) for v in test] == [6] * 6  # 3 clips a tile, frames 18 and 19 left out
+    assert frame_ids(test) == ids_of(range(18), files=(1,))
+    with pytest.raises(DataError, match="no video has frames enough for a test video with "
+                                        "--test_length 30"):
+        data_prep.convert_videos(tmp_path / "d", tmp_path / "g.h5", 8, test_length=30,
+                                 progress=False)
+
+
 def test_time_bounds():
     bounds = data_prep._time_bounds
     assert bounds(20, (0.7, 0.15), 2) == {"train": (0, 14), "val": (16, 17), "test": (19, 20)}
@@ -693,15 +710,14 @@ def test_videos_time_split_errors(tmp_path, av):
     for fractions in (0, 1, 1.5, "0.7,0.3", "0.7,0", "0.5,-0.1", "a", "0.1,0.2,0.3", ""):
         with pytest.raises(DataError, match="must be F or F,V with F .train. and V .val."):
             convert(time_split=fractions)
-    for flag in ("test_length", "gap"):
-        with pytest.raises(DataError, match=f"--{flag} 2 applies to a time split: pass "
-                                            f"--time_split too"):
-            convert(**{flag: 2})
+    with pytest.raises(DataError, match="--gap 2 applies to a time split: pass --time_split"):
+        convert(gap=2)
     with pytest.raises(DataError, match="--test_length 0 must be at least 1"):
         convert(time_split=0.5, test_length=0)
     with pytest.raises(DataError, match="--gap -1 must be at least 0"):
         convert(time_split=0.5, gap=-1)
-    with pytest.raises(DataError, match="frames enough for a test video .*lower --gap"):
+    with pytest.raises(DataError, match="frames enough for a test video with --time_split "
+                                        "0.5, --gap 0, --test_length 2; use longer videos"):
         convert(time_split=0.5, test_length=2, gap=0)
     with pytest.raises(DataError, match="frames enough for a val video"):
         convert(time_split="0.5,0.25", gap=0, test_length=2)
