@@ -1312,6 +1312,8 @@ def render_boxes(image, boxes, size):
     C), no C axis for a one-band image."""
     from PIL import Image
 
+    # a window that touches the photo's edge may overshoot it by a rounding error
+    boxes = np.clip(boxes, 0, np.tile(image.size, 2))
     return np.stack([np.asarray(image.resize((size, size), Image.LANCZOS, box=tuple(box)))
                      for box in boxes])
 

@@ -95,6 +95,9 @@ def test_random_pans_and_zooms_stay_inside_at_constant_motion():
         assert side.min() >= size - 1e-6  # never enlarged beyond the photo's pixels
         for b in (boxes, zoom):
             assert b[:, :2].min() >= -1e-6 and np.all(b[:, 2:] <= np.array(photo) + 1e-6)
+    # a window that reaches the photo's edge may overshoot it by a rounding error
+    edge = [[-1e-12, 0, 100 + 1e-12, 80]]
+    assert data_prep.render_boxes(Image.new("RGB", (100, 80)), edge, 8).shape == (1, 8, 8, 3)
 
 
 def test_parallax_layers_move_at_their_own_speeds():
