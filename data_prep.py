@@ -1,14 +1,17 @@
 """data_prep: make and read the HDF5 video files that river trains on.
 
-One command line with five subcommands (each has --help):
+One command line with six subcommands (each has --help):
     frames     folders of image files  data_dir/{train,val,test}/<video>/<frame>.<ext>  -> HDF5
-    videos     video files (.mp4 .avi ...; --crop), split by folder/name/fraction/time  -> HDF5
+    videos     video files (.mp4 .avi ...; --crop), split by folder/name/fraction, or in
+               time (--time_split 0.7,0.15: train, val, test in time order, --gap between) -> HDF5
     npy        one .npy array of videos (e.g. Moving MNIST mnist_test_seq.npy)             -> HDF5
     synthetic  bouncing balls, or (--kind occluder) a bar sweeping over still blocks      -> HDF5
+    camera     a virtual camera panning, zooming or moving past two layers over
+               photographs, split by photograph                                           -> HDF5
     info       per split: videos, frames per video, resolution, channels, dtype, size
 
 From Python: VideoStore (read one split), splits_in, memory_flags, read_clip (one clip to
-predict from: a frame folder, a .npy array or a video file), write_videos.
+predict from: a frame folder, a .npy array or a video file), write_videos, write_camera.
 
 Layout written (the official RIVER layout, one copy per split, all splits in ONE file):
     /train/len/0, /train/len/1, ...    scalar int: number of frames of video 0, 1, ...
@@ -16,8 +19,11 @@ Layout written (the official RIVER layout, one copy per split, all splits in ONE
     /val/...  /test/...                the same layout for the other splits (those that exist)
     /memory/train/0, ...               optional: bool (T,) per video, frames where an older
                                        frame is needed (synthetic --kind occluder)
-    root attributes                    optional: kind ('balls', 'videos', ...), seed, ...
-Readers find splits as the top-level groups holding `len`, so they skip /memory.
+    /sources/train, ...                optional: one string per video naming its motion and
+                                       photographs (camera)
+    root attributes                    optional: kind ('balls', 'videos', 'camera', ...),
+                                       seed, time_split, gap, ...
+Readers find splits as the top-level groups holding `len`, so they skip /memory and /sources.
 
 Layout also read: the plain official layout (`len` and the video groups at the top level,
 no split groups), as one file or as a directory of *.h5/*.hdf5 shards, each shard numbering
@@ -27,7 +33,8 @@ returned whatever split is asked for (train and test are then the SAME videos) a
 
 Channels: frames are stored as RGB (C = 3); grayscale inputs are replicated to 3 channels.
 Resizing: every reader resizes the whole frame to a square with LANCZOS (`_fit`); `videos
---crop` cuts square windows first.
+--crop` cuts square windows first; `camera` resamples square windows of photographs at
+sub-pixel positions, also with LANCZOS (`render_boxes`).
 Writing is atomic: a file is written as OUT.tmp-<pid> beside OUT and renamed when complete.
 This module owns the format; it never imports river.py (river.py imports it).
 """
@@ -524,16 +531,17 @@ def convert_npy(input, out, layout=None, split="train", val_frac=0.0, test_frac=
                  force, progress)
 
 
-def _fraction_counts(count, val_frac, test_frac):
-    """(n_val, n_test) for `count` videos; every split asked for gets at least one."""
+def _fraction_counts(count, val_frac, test_frac, what="videos"):
+    """(n_val, n_test) for `count` videos (or other `what`); every split asked for gets at
+    least one."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise DataError(f"--val_frac {val_frac} and --test_frac {test_frac} must lie in [0, 1) "
                         f"and sum to less than 1")
     n_val, n_test = round(count * val_frac), round(count * test_frac)
     n_main = count - n_val - n_test
     if n_main < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
-        raise DataError(f"{count} videos cannot be split with --val_frac {val_frac} and "
-                        f"--test_frac {test_frac}; every split needs at least one video")
+        raise DataError(f"{count} {what} cannot be split with --val_frac {val_frac} and "
+                        f"--test_frac {test_frac}; every split needs at least one")
     return n_val, n_test
 
 
@@ -719,14 +727,14 @@ def _split_by_regex(files, regex, val_groups, test_groups):
     return {name: videos for name, videos in splits.items() if videos}
 
 
-def _split_by_fraction(files, root, val_frac, test_frac):
+def _split_by_fraction(files, root, val_frac, test_frac, what="videos"):
     """{split: files}: `val_frac` / `test_frac` of the files go to val / test, chosen by a
     hash of each file's path below `root`. Deterministic on any machine, and it mixes
     subfolders (the last files by name would all come from one folder). Each split keeps
-    natural name order."""
+    natural name order; `what` names the files in an error."""
     import hashlib
 
-    n_val, n_test = _fraction_counts(len(files), val_frac, test_frac)
+    n_val, n_test = _fraction_counts(len(files), val_frac, test_frac, what)
     ranked = sorted(files, key=lambda p: hashlib.sha1(
         p.relative_to(root).as_posix().encode()).hexdigest())
     held = {"val": set(ranked[:n_val]), "test": set(ranked[n_val:n_val + n_test])}
@@ -736,31 +744,71 @@ def _split_by_fraction(files, root, val_frac, test_frac):
     return {name: videos for name, videos in splits.items() if videos}
 
 
-def _time_pieces(windows, fraction, length):
-    """(split, video) pairs of one decoded file (K, T, ...) split in time: the first
-    fraction * T frames (rounded half up) go to train, one video per window; the rest to
-    test, cut into consecutive videos of `length` frames (None: the whole rest), a shorter
-    end left out."""
-    frames = windows.shape[1]
-    cut = int(fraction * frames + 0.5)
-    length = length or frames - cut
-    train = [("train", w[:cut]) for w in windows] if cut else []
-    starts = range(cut, frames - length + 1, length) if length else []
-    return train + [("test", w[a:a + length]) for w in windows for a in starts]
+DEFAULT_GAP = 8  # kept frames dropped before val and before test: ~1/3 s of 25 fps video
 
 
-def _check_video_options(image_size, every, max_frames, crop, time_split, test_length):
+def _time_fractions(time_split):
+    """--time_split as (train, val) fractions: 'F' (or the number F) -> (F, 0), no val;
+    'F,V' (or (F, V)) -> (F, V). Test gets the rest."""
+    given = time_split if isinstance(time_split, str) else ",".join(
+        map(str, np.atleast_1d(time_split)))
+    try:
+        parts = [float(part) for part in given.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or not all(0 < p < 1 for p in parts) or sum(parts) >= 1:
+        raise DataError(f"--time_split {given} must be F or F,V with F (train) and V (val) in "
+                        f"(0, 1) summing to less than 1, the rest test: e.g. 0.7,0.15")
+    return parts[0], (parts[1] if len(parts) == 2 else 0.0)
+
+
+def _time_bounds(frames, fractions, gap):
+    """{split: (start, stop)}: the frame ranges of one video of `frames` kept frames split
+    in time. Fractions (train, val) of the frames, rounded half up, give the cuts; the
+    first `gap` frames after each cut are dropped, so neighbouring frames, which are nearly
+    the same, never sit on both sides of a cut. No val part when val is 0. A part whose
+    gap leaves no frames has start >= stop."""
+    train, val = fractions
+    cuts = [int(f * frames + 0.5) for f in ((train, train + val) if val else (train,))]
+    edges = [0, *cuts, frames]
+    names = ("train", "val", "test") if val else ("train", "test")
+    return {name: (edges[k] + (gap if k else 0), edges[k + 1]) for k, name in enumerate(names)}
+
+
+def _pieces(split, windows, start, stop, length):
+    """(split, video) pairs of frames start..stop of each window of a decoded file
+    (K, T, ...): train keeps them as one video; val and test are cut into consecutive
+    videos of `length` frames (None: one video), a shorter end left out."""
+    size = stop - start if split == "train" or not length else length
+    starts = range(start, stop - size + 1, size) if size > 0 else []
+    return [(split, w[a:a + size]) for w in windows for a in starts]
+
+
+def _time_pieces(windows, fractions, length, gap):
+    """(split, video) pairs of one decoded file split in time (`_time_bounds`, `_pieces`)."""
+    bounds = _time_bounds(windows.shape[1], fractions, gap)
+    return [piece for split, (start, stop) in bounds.items()
+            for piece in _pieces(split, windows, start, stop, length)]
+
+
+def _check_video_options(image_size, every, max_frames, crop, time_split, test_length, gap):
+    """Fail on bad options before any work; returns (train, val) fractions of a time split
+    (None without one) and its gap."""
     if every < 1 or (max_frames is not None and max_frames < 1) or image_size < 1:
         raise DataError(f"--every, --max_frames and --image_size must be at least 1; got "
                         f"{every}, {max_frames} and {image_size}")
     if crop not in CROPS:
         raise DataError(f"unknown --crop {crop!r}; use one of {', '.join(CROPS)}")
-    if time_split is not None and not 0 < time_split < 1:
-        raise DataError(f"--time_split {time_split} must lie in (0, 1): the fraction of each "
-                        f"video's frames that goes to train")
-    if test_length is not None and (time_split is None or test_length < 1):
-        raise DataError(f"--test_length {test_length} cuts the test part of --time_split into "
-                        f"videos: pass --time_split too, and a length of at least 1")
+    if gap is not None and time_split is None:
+        raise DataError(f"--gap {gap} applies to a time split: pass --time_split too")
+    if test_length is not None and test_length < 1:
+        raise DataError(f"--test_length {test_length} must be at least 1: the frames of "
+                        f"each val and test video")
+    if gap is not None and gap < 0:
+        raise DataError(f"--gap {gap} must be at least 0: the frames dropped at each cut")
+    if time_split is None:
+        return None, None
+    return _time_fractions(time_split), DEFAULT_GAP if gap is None else gap
 
 
 def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups, time_split):
@@ -794,27 +842,31 @@ def _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_group
 def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac=0.0,
                    test_frac=0.0, split_by=None, val_groups=None, test_groups=None,
                    skip_bad=False, force=False, progress=True, crop="squeeze", time_split=None,
-                   test_length=None):
+                   test_length=None, gap=None):
     """Video files below `data_dir` -> one HDF5 file; returns ({split: videos written},
     [skipped files]).
 
     Splits: from data_dir/{train,val,test}/ when those folders exist, else from one flat
     folder (searched recursively) by `split_by` (a regex on file names, see
     `_split_by_regex`) or by `val_frac` / `test_frac` (see `_split_by_fraction`); with
-    neither, everything goes to train. Or, alone, `time_split` F: every video's first F of
-    its frames go to train, the rest to test in videos of `test_length` frames
-    (`_time_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each
-    cut by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
+    neither, everything goes to train. Or, alone, `time_split` 'F,V' (or F): every video
+    split in time, its first F of the frames to train, the next V to val, the rest to test,
+    `gap` frames (default DEFAULT_GAP) dropped at each cut (`_time_bounds`). With any
+    split, val and test videos are cut into consecutive videos of `test_length` frames
+    (`_pieces`). Every `every`-th frame is kept, at most `max_frames` per video, each cut
+    by `crop` (`_windows`: tiles make several videos of one file) and resized by `_fit`.
     Each file is decoded once; its videos are written in file order.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a directory; pass --data_dir holding video files")
-    _check_video_options(image_size, every, max_frames, crop, time_split, test_length)
+    fractions, gap = _check_video_options(image_size, every, max_frames, crop, time_split,
+                                          test_length, gap)
     files = _split_files(data_dir, val_frac, test_frac, split_by, val_groups, test_groups,
                          time_split)
     _av()  # fail now, not at the first file, when PyAV is missing
-    given = {"time_split": time_split, "test_length": test_length}
+    given = {"time_split": fractions and ",".join(f"{x:g}" for x in fractions if x),
+             "gap": gap, "test_length": test_length}
     attrs = {"kind": "videos", "crop": crop, **{k: v for k, v in given.items() if v is not None}}
     skipped, decoded, writers = [], dict.fromkeys(files, 0), {}
     jobs = [(split, path) for split, group in files.items() for path in group]
@@ -828,8 +880,9 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
                 skipped.append(str(path))
                 continue
             decoded[split] += 1
-            pieces = ([(split, w) for w in windows] if time_split is None else
-                      _time_pieces(windows, time_split, test_length))
+            pieces = (_pieces(split, windows, 0, windows.shape[1], test_length)
+                      if fractions is None else _time_pieces(windows, fractions, test_length,
+                                                             gap))
             for name, video in pieces:
                 if name not in writers:
                     writers[name] = _SplitWriter(f, name)
@@ -838,13 +891,20 @@ def convert_videos(data_dir, out, image_size, every=1, max_frames=None, val_frac
             if not count:
                 raise DataError(f"none of the {len(files[split])} files of split '{split}' "
                                 f"could be decoded; check the files")
-        for name in ("train", "test") if time_split is not None else ():
-            if name not in writers:
-                raise DataError(f"no video has frames enough for a {name} video with "
-                                f"--time_split {time_split:g} and --test_length {test_length}; "
-                                f"use longer videos or a lower --test_length")
+        _check_parts(writers, files if fractions is None else
+                     SPLITS if fractions[1] else ("train", "test"), attrs)
         counts = {name: len(w.lengths) for name, w in writers.items()}
     return counts, skipped
+
+
+def _check_parts(writers, splits, attrs):
+    """Fail unless each of `splits` got a video (val and test clips need frames enough)."""
+    for name in splits:
+        if name not in writers:
+            given = ", ".join(f"--{k} {attrs[k]}" for k in ("time_split", "gap", "test_length")
+                              if k in attrs)
+            raise DataError(f"no video has frames enough for a {name} video with {given}; use "
+                            f"longer videos or lower values")
 
 
 def read_clip(path, image_size, channels=3, crop="squeeze"):
@@ -1186,6 +1246,246 @@ def _synthetic_splits(videos):
 
 
 # ---------------------------------------------------------------------------------------
+# camera: a virtual camera moving over photographs
+# ---------------------------------------------------------------------------------------
+# Real texture in motion that two frames predict: a camera pans over a photograph at a
+# constant velocity, zooms at a constant rate, or moves sideways past two layers (a
+# foreground cut from one photo slides over a background photo at a different speed:
+# parallax). Every frame is a window of the photo at a sub-pixel position, resampled with
+# LANCZOS over the whole window (`render_boxes`), so fine texture averages out as a real
+# camera's pixels would and does not alias. Splits are by photograph: no photo is in two
+# splits, so val and test show unseen scenes (the across-scene measure).
+# Sizes are in frame pixels at 32x32 and scale with the frame size.
+
+CAMERA_MOTIONS = ("pan", "zoom", "parallax", "mix")
+VIEW = (0.25, 0.6)         # the view's side, a fraction of the photo's short side
+PAN_SPEED = (0.5, 2.0)     # px per frame
+ZOOM_RATE = (0.01, 0.03)   # the view's side changes by a factor exp(+-rate) a frame
+DEPTH = (0.2, 0.6)         # parallax: the background moves at this fraction of the foreground
+SKYLINE = (0.35, 0.65)     # parallax: the foreground's mean top edge, a fraction of the
+                           # view down it (its waves add +-0.2: both layers always show)
+MIN_SIDE = 4               # a photo's short side must be at least 4 frame sides (VIEW[0] = 1/4)
+WORK_SIDE = 16             # photos are reduced to a short side of at most 16 frame sides
+
+
+def _photo_files(folder):
+    """Image files anywhere below `folder`, in natural path order, hidden ones left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a directory; pass --images holding photographs")
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and
+             p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder} or its "
+                        f"subfolders; pass the folder that holds the photographs")
+    return sorted(files, key=lambda p: _natural_path_key(p, folder))
+
+
+def load_photo(path, size):
+    """A photograph as an RGB PIL image the way viewers show it (EXIF rotation applied),
+    reduced with LANCZOS to a short side of at most WORK_SIDE * size: every view (at least
+    VIEW[0] of the short side) is then still downsampled, never enlarged."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (WORK_SIDE * size,) * 2)  # JPEG: decode at a lower scale
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path} ({e}); replace or remove the file") from None
+    short = min(image.size)
+    if short < MIN_SIDE * size:
+        raise DataError(f"{path} is {image.size[0]}x{image.size[1]}, too small for "
+                        f"{size}x{size} frames (short side under {MIN_SIDE * size}); remove "
+                        f"it or lower --image_size")
+    scale = min(1.0, WORK_SIDE * size / short)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.LANCZOS)
+    return image
+
+
+def render_boxes(image, boxes, size):
+    """The windows `boxes` (left, top, right, bottom; floats, sub-pixel) of a PIL image,
+    each resampled to size x size with LANCZOS over the whole window (its filter widens
+    with the window, so downsampling averages instead of aliasing): uint8 (T, size, size,
+    C), no C axis for a one-band image."""
+    from PIL import Image
+
+    # a window that touches the photo's edge may overshoot it by a rounding error
+    boxes = np.clip(boxes, 0, np.tile(image.size, 2))
+    return np.stack([np.asarray(image.resize((size, size), Image.LANCZOS, box=tuple(box)))
+                     for box in boxes])
+
+
+def pan_boxes(corner, view, velocity, frames, size):
+    """(T, 4) windows of side `view` (photo px) whose top left corner starts at `corner`
+    and moves `velocity` (x, y) FRAME px per frame: the frames then translate by exactly
+    -velocity px a frame."""
+    # corner_t = corner + t * velocity * (view / size): frame px -> photo px
+    step = np.asarray(velocity, float) * view / size
+    corners = np.asarray(corner, float) + np.arange(frames)[:, None] * step    # (T, 2)
+    return np.concatenate([corners, corners + view], axis=1)                  # (T, 4)
+
+
+def zoom_boxes(centre, view, rate, frames):
+    """(T, 4) square windows about `centre` whose side starts at `view` and changes by a
+    factor exp(rate) a frame (rate > 0: zooming out, the view grows)."""
+    half = view * np.exp(rate * np.arange(frames))[:, None] / 2               # (T, 1)
+    return np.concatenate([np.subtract(centre, half), np.add(centre, half)], axis=1)
+
+
+def _random_velocity(rng, size, sideways=False):
+    """A velocity (x, y) in frame px per frame: a speed from PAN_SPEED, any direction
+    (sideways: left or right)."""
+    speed = rng.uniform(*PAN_SPEED) * size / 32
+    angle = rng.choice([0, np.pi]) if sideways else rng.uniform(0, 2 * np.pi)
+    return speed * np.array([np.cos(angle), np.sin(angle)])
+
+
+def _random_pan(rng, photo, size, frames, velocity):
+    """A pan at `velocity` (frame px per frame) over a (width, height) photo, the view's
+    side drawn from VIEW: (boxes, velocity), slowed if the pan would leave the photo."""
+    width, height = photo
+    view = rng.uniform(*VIEW) * min(width, height)
+    room = np.array([width, height]) - view
+    travel = np.abs(velocity) * (frames - 1) * view / size                     # photo px
+    velocity = velocity * min(1.0, *(room[travel > 0] / travel[travel > 0]))
+    shift = velocity * (frames - 1) * view / size
+    corner = np.maximum(0, -shift) + rng.random(2) * np.maximum(0, room - np.abs(shift))
+    return pan_boxes(corner, view, velocity, frames, size), velocity
+
+
+def _random_zoom(rng, photo, size, frames):
+    """Zoom boxes: in or out at a rate from ZOOM_RATE (lowered when a long zoom would
+    enlarge the photo), about a centre where the largest view fits."""
+    width, height = photo
+    largest = rng.uniform(*VIEW) * min(width, height)
+    rate = min(rng.uniform(*ZOOM_RATE), np.log(largest / size) / max(frames - 1, 1))
+    first = largest * np.exp(-rate * (frames - 1))
+    centre = rng.uniform(largest / 2, np.array([width, height]) - largest / 2)
+    zoom_out = rng.random() < 0.5
+    return zoom_boxes(centre, first if zoom_out else largest, rate if zoom_out else -rate,
+                      frames)
+
+
+def _skyline(rng, image, top, view):
+    """An 'L' mask of `image`, 255 below a wavy edge and 0 above: the foreground layer of a
+    parallax. The edge is `top` (photo px) plus two sines of amplitude 0.03-0.1 and
+    wavelength 0.3-1.5 of `view`, the side of the window that sees it."""
+    from PIL import Image
+
+    width, height = image.size
+    x = np.arange(width)[:, None] + 0.5
+    waves, lengths = rng.uniform(0.03, 0.1, 2) * view, rng.uniform(0.3, 1.5, 2) * view
+    phases = rng.uniform(0, 2 * np.pi, 2)
+    edge = top + (waves * np.sin(2 * np.pi * x / lengths + phases)).sum(1)         # (W,)
+    below = np.arange(height)[:, None] + 0.5 > edge                               # (H, W)
+    return Image.fromarray(below.astype(np.uint8) * 255)
+
+
+def parallax_frames(back, front, far, near, mask, size):
+    """Two layers: `front` through the windows `near`, where its 'L' `mask` is 255, over
+    `back` through `far`. The mask is resampled as the photos are, so the edge between the
+    layers is anti-aliased: uint8 (T, size, size, 3)."""
+    alpha = render_boxes(mask, near, size)[..., None] / 255.0                  # (T, S, S, 1)
+    mixed = alpha * render_boxes(front, near, size) + (1 - alpha) * render_boxes(back, far, size)
+    return np.round(mixed).astype(np.uint8)
+
+
+def _random_parallax(rng, back, front, size, frames):
+    """A camera moving sideways past two layers (`parallax_frames`): the foreground, `front`
+    below a wavy edge (`_skyline`) whose mean is SKYLINE of the way down the view, pans at
+    a speed; the background, `back`, the same way at DEPTH of it."""
+    near, velocity = _random_pan(rng, front.size, size, frames,
+                                 _random_velocity(rng, size, sideways=True))
+    far, _ = _random_pan(rng, back.size, size, frames, velocity * rng.uniform(*DEPTH))
+    view = near[0, 3] - near[0, 1]
+    mask = _skyline(rng, front, near[0, 1] + rng.uniform(*SKYLINE) * view, view)
+    return parallax_frames(back, front, far, near, mask, size)
+
+
+def camera_video(rng, photos, motion, size, frames):
+    """One video of a camera over `photos` (PIL images from `load_photo`, those of one
+    split): motion 'pan', 'zoom', 'parallax', or 'mix' (one of them at random). Returns
+    (uint8 (T, size, size, 3), motion, indices of the photos used: [photo] or, for a
+    parallax, [foreground, background], two photos when there are two)."""
+    if motion == "mix":
+        motion = CAMERA_MOTIONS[rng.integers(3)]
+    picks = list(rng.choice(len(photos), 2, replace=len(photos) < 2))
+    photo = photos[picks[0]]
+    if motion == "pan":
+        boxes, _ = _random_pan(rng, photo.size, size, frames, _random_velocity(rng, size))
+    elif motion == "zoom":
+        boxes = _random_zoom(rng, photo.size, size, frames)
+    else:
+        video = _random_parallax(rng, photos[picks[1]], photo, size, frames)
+        return video, motion, picks
+    return render_boxes(photo, boxes, size), motion, picks[:1]
+
+
+def _camera_counts(videos, photo_splits):
+    """{split: videos}: from 'TRAIN,VAL,TEST' counts, or one total N shared in proportion
+    to the photos of each split (`photo_splits`: {split: photos}), each at least 1."""
+    given = videos if isinstance(videos, str) else ",".join(map(str, np.atleast_1d(videos)))
+    try:
+        counts = [int(count) for count in given.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) not in (1, 3) or min(counts, default=-1) < 0 or not counts[0]:
+        raise DataError(f"--videos {given} must be a total N >= 1 or TRAIN,VAL,TEST counts, "
+                        f"train at least 1: e.g. 600,60,60")
+    if len(counts) == 1:
+        total = sum(map(len, photo_splits.values()))
+        counts = [max(1, round(counts[0] * len(photo_splits[s]) / total))
+                  if s in photo_splits else 0 for s in SPLITS]
+    for split, count in zip(SPLITS, counts):
+        if count and split not in photo_splits:
+            raise DataError(f"--videos asks for {count} {split} videos but no photograph is "
+                            f"in {split}; pass --{split}_frac above 0 or ask for 0 videos")
+    return {split: count for split, count in zip(SPLITS, counts) if count}
+
+
+def write_camera(images, out, image_size=32, videos="600,60,60", frames=16, motion="mix",
+                 val_frac=0.15, test_frac=0.15, seed=0, force=False, progress=True):
+    """Videos of a virtual camera over the photographs below `images` -> HDF5; returns
+    {split: videos written}.
+
+    The photographs are split by a hash of each one's path below `images` (as `videos
+    --val_frac` splits files): val_frac of them to val, test_frac to test, no photo in
+    two splits. `videos`: 'TRAIN,VAL,TEST' counts or a total (`_camera_counts`). Video k
+    of a split is `camera_video` drawn from seed, split and k alone, so a file is the same
+    on every run. Also written: /sources/<split>, one line per video naming its motion and
+    photos ('pan a.jpg', 'parallax a.jpg over b.jpg').
+    """
+    if motion not in CAMERA_MOTIONS:
+        raise DataError(f"unknown --motion {motion!r}; use one of {', '.join(CAMERA_MOTIONS)}")
+    if frames < 2 or image_size < 1 or seed < 0:
+        raise DataError(f"need --frames >= 2, --image_size >= 1 and --seed >= 0; got "
+                        f"{frames}, {image_size} and {seed}")
+    _check_out(out, force)  # fail before loading photos
+    files = _photo_files(images)
+    photo_splits = _split_by_fraction(files, Path(images), val_frac, test_frac, "photographs")
+    counts = _camera_counts(videos, photo_splits)
+    photos = {s: [load_photo(p, image_size) for p in photo_splits[s]] for s in counts}
+    attrs = {"kind": "camera", "motion": motion, "seed": seed,
+             **{f"photos_{s}": len(photo_splits[s]) for s in counts}}
+    with _new_file(out, force, attrs) as f:
+        for split, count in counts.items():
+            writer, sources = _SplitWriter(f, split), []
+            for k in tqdm(range(count), desc=f"writing {split}", unit="video",
+                          disable=not progress):
+                rng = np.random.default_rng([seed, SPLITS.index(split), k])
+                video, kind, picks = camera_video(rng, photos[split], motion, image_size,
+                                                  frames)
+                writer.add(video)
+                sources.append(f"{kind} " + " over ".join(
+                    photo_splits[split][i].relative_to(images).as_posix() for i in picks))
+            f.create_dataset(f"sources/{split}", data=sources, dtype=h5py.string_dtype())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------------------
 
@@ -1237,26 +1537,7 @@ def _flag(parser, name, *aliases, **kwargs):
     parser.add_argument(*names, **kwargs)
 
 
-def _parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("frames", help="image folders -> HDF5",
-                            description="Convert data_dir/{train,val,test}/<video>/<frame>.<ext> "
-                            "(videos and frames in natural name order: frame_2 before frame_10) "
-                            "to one HDF5 file, frames resized to image_size x image_size RGB "
-                            "(LANCZOS; aspect ratio not kept).")
-    _flag(p, "data_dir", required=True, help="folder holding train/, val/ and/or test/")
-    _flag(p, "out", "out_dir", required=True, help="output .h5 file (--out_dir: same)")
-    _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
-    _flag(p, "extension", default="png", help="image file extension (default png)")
-    _flag(p, "force", action="store_true", help="overwrite an existing output")
-
-    p = commands.add_parser(
-        "videos", help="video files (.mp4 .avi .mkv .webm .mov .gif) -> HDF5",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
+_VIDEOS_HELP = f"""Convert video files to one HDF5 file (needs PyAV: pip install -e ".[video]").
 
 Files: .mp4 .avi .mkv .webm .mov .gif anywhere below --data_dir (hidden files skipped).
 Frames: every --every-th frame from the first, at most --max_frames per video; a phone's
@@ -1280,16 +1561,74 @@ Splits, one of:
   --val_frac F --test_frac F
                   that fraction of the files, picked by a hash of each file's path below DIR
                   (deterministic, mixes subfolders), goes to val / test
-  --time_split F [--test_length N]
+  --time_split F,V [--gap G] [--test_length N]
                   split every video in TIME, for a few long videos that cannot be split by
-                  file: its first F * T kept frames (rounded) go to train (one video per file
-                  and tile), the rest to test, cut into consecutive videos of N frames (the
-                  end shorter than N dropped; without N, the rest as one video). No frame is
-                  in both. Takes a flat folder and none of the options above.
+                  file (the within-video measure): of each video's kept frames, the first
+                  F (rounded) go to train, the next V to val, the rest to test; the first G
+                  frames after each cut are dropped (default {DEFAULT_GAP}), so nearly identical
+                  neighbouring frames are never on both sides of a cut. Train is one video
+                  per file (and tile); val and test are cut into consecutive videos of N
+                  frames (the end shorter than N dropped; without N, each part is one
+                  video). A part too short for a video gives none. No frame is in two
+                  splits. --time_split F (one fraction): F to train, the rest to test, no
+                  val. E.g. --time_split 0.7,0.15 --test_length 16. Takes a flat folder
+                  and none of the options above.
   none of these   every video goes to train
 
+--test_length N, with any of these splits, cuts every val and test video into consecutive
+videos of N frames (the end shorter than N dropped), so that evaluation, which predicts
+from the start of each test video, gets many clips, not one a file.
+
 A file that cannot be decoded stops the conversion with its name (nothing is written), or is
-skipped and counted with --skip-bad. The output is written atomically.""")
+skipped and counted with --skip-bad. The output is written atomically."""
+
+
+_CAMERA_HELP = f"""Videos of a virtual camera moving over real photographs: real texture whose
+motion the last two frames predict. Sizes and speeds below are at 32x32 and scale with
+the frame.
+
+--motion pan       the view slides over one photo at a constant velocity, any direction
+                   ({PAN_SPEED[0]:g}-{PAN_SPEED[1]:g} px a frame)
+--motion zoom      the view zooms in or out at a constant rate
+                   ({ZOOM_RATE[0]:g}-{ZOOM_RATE[1]:g} a frame)
+--motion parallax  the camera moves sideways past two layers: the lower part of one photo,
+                   cut along a wavy edge, slides over another photo, which moves the same
+                   way at {DEPTH[0]:g}-{DEPTH[1]:g} of its speed
+--motion mix       (default) each video one of the three at random
+
+The view's side is {VIEW[0]:g}-{VIEW[1]:g} of the photo's short side. Each frame is that
+window, at a sub-pixel position, resampled to image_size x image_size with LANCZOS over
+the whole window: texture is averaged as a camera's pixels average it, not aliased.
+Photos: {" ".join(IMAGE_EXTENSIONS)} anywhere below --images (hidden
+files skipped; EXIF rotation applied), each with a short side of at least {MIN_SIDE} x image_size.
+
+Splits by PHOTOGRAPH (the across-scene measure): --val_frac / --test_frac of the photos,
+picked by a hash of each photo's path below --images, go to val / test, and each split's
+videos use only its photos: no photo is in two splits. --videos TRAIN,VAL,TEST gives the
+number of videos of each split (default 600,60,60); one number N is a total shared in
+proportion to the photos. The same --seed gives the same file. /sources/<split> in the
+file names each video's motion and photos, one line per video."""
+
+
+def _frames_command(commands):
+    """The `frames` subcommand and its flags."""
+    p = commands.add_parser("frames", help="image folders -> HDF5",
+                            description="Convert data_dir/{train,val,test}/<video>/<frame>.<ext> "
+                            "(videos and frames in natural name order: frame_2 before frame_10) "
+                            "to one HDF5 file, frames resized to image_size x image_size RGB "
+                            "(LANCZOS; aspect ratio not kept).")
+    _flag(p, "data_dir", required=True, help="folder holding train/, val/ and/or test/")
+    _flag(p, "out", "out_dir", required=True, help="output .h5 file (--out_dir: same)")
+    _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
+    _flag(p, "extension", default="png", help="image file extension (default png)")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
+
+def _videos_command(commands):
+    """The `videos` subcommand and its flags."""
+    p = commands.add_parser("videos", help="video files (.mp4 .avi .mkv .webm .mov .gif) -> "
+                            "HDF5", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=_VIDEOS_HELP)
     _flag(p, "data_dir", required=True, help="folder holding the videos (searched recursively)")
     _flag(p, "out", required=True, help="output .h5 file")
     _flag(p, "image_size", type=int, required=True, help="frame side in pixels")
@@ -1303,13 +1642,19 @@ skipped and counted with --skip-bad. The output is written atomically.""")
     _flag(p, "crop", default="squeeze", choices=CROPS,
           help="squeeze (default: whole frame), center (central square) or tiles (squares "
           "covering the long side, each its own video)")
-    _flag(p, "time_split", type=float, metavar="F",
-          help="first F of every video's frames to train, the rest to test")
+    _flag(p, "time_split", metavar="F[,V]",
+          help="split every video in time: first F of its frames to train, next V to val, "
+          "the rest to test (e.g. 0.7,0.15)")
+    _flag(p, "gap", type=int, metavar="G",
+          help=f"with --time_split: frames dropped after each cut (default {DEFAULT_GAP})")
     _flag(p, "test_length", type=int, metavar="N",
-          help="with --time_split: cut the test part into videos of N frames")
+          help="cut val and test videos into consecutive videos of N frames")
     _flag(p, "skip_bad", action="store_true", help="skip files that fail to decode")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
+
+def _npy_command(commands):
+    """The `npy` subcommand and its flags."""
     p = commands.add_parser("npy", help="one .npy array of videos -> HDF5",
                             description="Convert an array of videos to HDF5. uint8 is kept; "
                             "float must lie in [0, 1] and is scaled to 0..255. Grayscale (no C "
@@ -1326,6 +1671,9 @@ skipped and counted with --skip-bad. The output is written atomically.""")
     _flag(p, "image_size", type=int, help="resize frames to this side (default: keep)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
+
+def _synthetic_command(commands):
+    """The `synthetic` subcommand and its flags."""
     p = commands.add_parser(
         "synthetic", help="bouncing balls, or an occluder over still blocks -> HDF5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1352,12 +1700,46 @@ seed.""")
           "0.25 for slowly changing videos)")
     _flag(p, "force", action="store_true", help="overwrite an existing output")
 
+
+def _camera_command(commands):
+    """The `camera` subcommand and its flags."""
+    p = commands.add_parser("camera", help="a virtual camera over photographs (pan, zoom, "
+                            "parallax) -> HDF5", description=_CAMERA_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _flag(p, "images", required=True, help="folder holding the photographs (searched "
+          "recursively)")
+    _flag(p, "out", required=True, help="output .h5 file")
+    _flag(p, "image_size", type=int, default=32, help="frame side in pixels (default 32)")
+    _flag(p, "videos", default="600,60,60", metavar="N|TRAIN,VAL,TEST",
+          help="videos per split (default 600,60,60), or a total")
+    _flag(p, "frames", type=int, default=16, help="frames per video (default 16)")
+    _flag(p, "motion", default="mix", choices=CAMERA_MOTIONS, help="pan, zoom, parallax or "
+          "mix (default)")
+    _flag(p, "val_frac", type=float, default=0.15, help="fraction of the photos for val "
+          "(default 0.15)")
+    _flag(p, "test_frac", type=float, default=0.15, help="fraction of the photos for test "
+          "(default 0.15)")
+    _flag(p, "seed", type=int, default=0, help="random seed (default 0)")
+    _flag(p, "force", action="store_true", help="overwrite an existing output")
+
+
+def _info_command(commands):
+    """The `info` subcommand and its flags."""
     p = commands.add_parser("info", help="describe an HDF5 file written by data_prep",
                             description="Describe an HDF5 file (or a directory of shards): per "
                             "split, videos, frames per video, resolution, channels, dtype, "
                             "uncompressed size; then the size on disk, and the root attributes "
                             "and memory flags when the file has them.")
     p.add_argument("path", help="an .h5 file or a directory of shards")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_frames_command, _videos_command, _npy_command, _synthetic_command,
+                _camera_command, _info_command):
+        add(commands)
     return parser
 
 
@@ -1372,7 +1754,7 @@ def main(argv=None):
                 args.data_dir, args.out, args.image_size, args.every, args.max_frames,
                 args.val_frac, args.test_frac, args.split_by, args.val_groups,
                 args.test_groups, args.skip_bad, args.force, crop=args.crop,
-                time_split=args.time_split, test_length=args.test_length)
+                time_split=args.time_split, test_length=args.test_length, gap=args.gap)
             print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                   + " videos")
             if skipped:
@@ -1388,6 +1770,12 @@ def main(argv=None):
             write_synthetic(args.out, args.videos, args.frames, args.size, args.seed,
                             args.max_balls or 3, args.force, args.kind,
                             1.0 if args.speed is None else args.speed)
+        elif args.command == "camera":
+            counts = write_camera(args.images, args.out, args.image_size, args.videos,
+                                  args.frames, args.motion, args.val_frac, args.test_frac,
+                                  args.seed, args.force)
+            print(f"wrote {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                  + " videos")
         else:
             info(args.path)
     except DataError as e:

@@ -607,30 +607,93 @@ def frame_ids(videos):
     return ids
 
 
-def test_videos_time_split_train_before_test_no_frame_in_both(tmp_path, av):
+def ids_of(frames, files=(0, 1), tiles=(0, 1)):
+    """frame_ids of the given frame numbers, file by file and tile by tile."""
+    return [(k, h, t) for k in files for h in tiles for t in frames]
+
+
+def test_videos_time_split_train_val_test_with_gaps(tmp_path, av, capsys):
     (tmp_path / "d" / "sub").mkdir(parents=True)
     write_video(tmp_path / "d" / "a.mkv", numbered_video(0))
     write_video(tmp_path / "d" / "sub" / "b.mkv", numbered_video(1))
     out = tmp_path / "t.h5"
     assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 8,
-                      "--crop", "tiles", "--time_split", 0.75, "--test_length", 2) == 0
+                      "--crop", "tiles", "--time_split", "0.5,0.25", "--gap", 1,
+                      "--test_length", 2) == 0
+    assert capsys.readouterr().out.endswith(": 4 train, 8 val, 8 test videos\n")
+    assert splits_in(out) == ["train", "val", "test"]
+    train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
+    # 20 frames: cuts at 10 and 15; frames 10 and 15 are the gaps
+    assert [len(v) for v in train] == [10] * 4 and frame_ids(train) == ids_of(range(10))
+    assert [len(v) for v in val] == [2] * 8 and frame_ids(val) == ids_of(range(11, 15))
+    assert [len(v) for v in test] == [2] * 8 and frame_ids(test) == ids_of(range(16, 20))
+    seen = [set(frame_ids(split)) for split in (train, val, test)]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert {t for s in seen for _, _, t in s} == set(range(20)) - {10, 15}
+    with h5py.File(out) as f:
+        assert (f.attrs["time_split"], f.attrs["gap"], f.attrs["test_length"]) == ("0.5,0.25",
+                                                                                  1, 2)
+    # a wider gap: the val part (frames 13, 14) holds no 2-frame clip beyond one
+    counts, _ = data_prep.convert_videos(tmp_path / "d", tmp_path / "g.h5", 8, crop="tiles",
+                                         time_split=(0.5, 0.25), gap=3, test_length=2,
+                                         progress=False)
+    assert counts == {"train": 4, "val": 4, "test": 4}
+    assert frame_ids(read_split(tmp_path / "g.h5", "val")) == ids_of((13, 14))
+    assert frame_ids(read_split(tmp_path / "g.h5", "test")) == ids_of((18, 19))
+
+
+def test_videos_time_split_one_fraction_and_default_gap(tmp_path, av):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    write_video(tmp_path / "d" / "a.mkv", numbered_video(0))
+    write_video(tmp_path / "d" / "sub" / "b.mkv", numbered_video(1))
+    out = tmp_path / "t.h5"
+    assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 8,
+                      "--crop", "tiles", "--time_split", 0.75, "--gap", 0,
+                      "--test_length", 2) == 0
     assert splits_in(out) == ["train", "test"]
     train, test = read_split(out, "train"), read_split(out, "test")
     # per file and tile: frames 0-14 in train; 15-16 and 17-18 in test, 19 left out
     assert [len(v) for v in train] == [15] * 4 and [len(v) for v in test] == [2] * 8
-    assert frame_ids(train) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(15)]
-    assert frame_ids(test) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(15, 19)]
-    assert not set(frame_ids(train)) & set(frame_ids(test))
-    # without --test_length, the rest of each video is one test video; --every first
-    counts, _ = data_prep.convert_videos(tmp_path / "d", tmp_path / "u.h5", 8, every=2,
-                                         time_split=0.7, crop="tiles", progress=False)
+    assert frame_ids(train) == ids_of(range(15)) and frame_ids(test) == ids_of(range(15, 19))
+    # the default gap; without --test_length the rest of each video is one test video
+    counts, _ = data_prep.convert_videos(tmp_path / "d", tmp_path / "u.h5", 8, time_split=0.5,
+                                         crop="tiles", progress=False)
     assert counts == {"train": 4, "test": 4}
-    train, test = read_split(tmp_path / "u.h5", "train"), read_split(tmp_path / "u.h5", "test")
-    # 10 kept frames (0, 2, ..., 18): 7 to train, 3 to test
-    assert frame_ids(train) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in range(0, 14, 2)]
-    assert frame_ids(test) == [(k, h, t) for k in (0, 1) for h in (0, 1) for t in (14, 16, 18)]
+    test = read_split(tmp_path / "u.h5", "test")
+    assert frame_ids(test) == ids_of(range(10 + data_prep.DEFAULT_GAP, 20))
     with h5py.File(tmp_path / "u.h5") as f:
-        assert f.attrs["time_split"] == 0.7 and "test_length" not in f.attrs
+        assert f.attrs["time_split"] == "0.5" and f.attrs["gap"] == data_prep.DEFAULT_GAP
+        assert "test_length" not in f.attrs
+    # --every first: 10 kept frames (0, 2, ..., 18), 7 to train, 3 to test
+    counts, _ = data_prep.convert_videos(tmp_path / "d", tmp_path / "e.h5", 8, every=2,
+                                         time_split="0.7", gap=0, crop="tiles", progress=False)
+    assert frame_ids(read_split(tmp_path / "e.h5", "train")) == ids_of(range(0, 14, 2))
+    assert frame_ids(read_split(tmp_path / "e.h5", "test")) == ids_of((14, 16, 18))
+
+
+def test_videos_test_length_cuts_val_and_test_of_any_split(tmp_path, av):
+    for split, k in (("train", 0), ("test", 1)):
+        (tmp_path / "d" / split).mkdir(parents=True)
+        write_video(tmp_path / "d" / split / f"{split}.mkv", numbered_video(k))
+    out = tmp_path / "f.h5"
+    assert videos_cli("--data_dir", tmp_path / "d", "--out", out, "--image_size", 8,
+                      "--crop", "tiles", "--test_length", 6) == 0
+    train, test = read_split(out, "train"), read_split(out, "test")
+    assert frame_ids(train) == ids_of(range(20), files=(0,))  # train stays whole
+    assert [len(v) for v in test] == [6] * 6  # 3 clips a tile, frames 18 and 19 left out
+    assert frame_ids(test) == ids_of(range(18), files=(1,))
+    with pytest.raises(DataError, match="no video has frames enough for a test video with "
+                                        "--test_length 30"):
+        data_prep.convert_videos(tmp_path / "d", tmp_path / "g.h5", 8, test_length=30,
+                                 progress=False)
+
+
+def test_time_bounds():
+    bounds = data_prep._time_bounds
+    assert bounds(20, (0.7, 0.15), 2) == {"train": (0, 14), "val": (16, 17), "test": (19, 20)}
+    assert bounds(20, (0.7, 0.0), 2) == {"train": (0, 14), "test": (16, 20)}
+    assert bounds(7, (0.5, 0.0), 0) == {"train": (0, 4), "test": (4, 7)}  # 3.5 rounds up
+    assert bounds(10, (0.5, 0.2), 4)["val"] == (9, 7)  # the gap leaves no val frames
 
 
 def test_videos_time_split_errors(tmp_path, av):
@@ -644,15 +707,22 @@ def test_videos_time_split_errors(tmp_path, av):
                                                                   test_groups="a")):
         with pytest.raises(DataError, match="--time_split splits every video in time"):
             convert(time_split=0.5, **others)
-    for fraction in (0, 1, 1.5):
-        with pytest.raises(DataError, match="must lie in \\(0, 1\\)"):
-            convert(time_split=fraction)
-    with pytest.raises(DataError, match="pass --time_split too"):
-        convert(test_length=2)
-    with pytest.raises(DataError, match="a length of at least 1"):
+    for fractions in (0, 1, 1.5, "0.7,0.3", "0.7,0", "0.5,-0.1", "a", "0.1,0.2,0.3", ""):
+        with pytest.raises(DataError, match="must be F or F,V with F .train. and V .val."):
+            convert(time_split=fractions)
+    with pytest.raises(DataError, match="--gap 2 applies to a time split: pass --time_split"):
+        convert(gap=2)
+    with pytest.raises(DataError, match="--test_length 0 must be at least 1"):
         convert(time_split=0.5, test_length=0)
+    with pytest.raises(DataError, match="--gap -1 must be at least 0"):
+        convert(time_split=0.5, gap=-1)
+    with pytest.raises(DataError, match="frames enough for a test video with --time_split "
+                                        "0.5, --gap 0, --test_length 2; use longer videos"):
+        convert(time_split=0.5, test_length=2, gap=0)
+    with pytest.raises(DataError, match="frames enough for a val video"):
+        convert(time_split="0.5,0.25", gap=0, test_length=2)
     with pytest.raises(DataError, match="frames enough for a test video"):
-        convert(time_split=0.5, test_length=2)
+        convert(time_split=0.5)  # the default gap leaves no test frames
     with pytest.raises(DataError, match="unknown --crop 'square'"):
         convert(crop="square")
     (tmp_path / "d" / "test").mkdir()
