@@ -677,10 +677,7 @@ def euler_step_reference_(x, v, dt):
 
 def euler_step_(x, v, dt):
     """x += dt * v in place: the fused op when loaded and the inputs suit it (contiguous,
-    same shape and device, v of x's dtype or one that converts to it exactly), else
-    euler_step_reference_ (float64, broadcasting...)."""
-    if v.dtype != x.dtype and torch.promote_types(x.dtype, v.dtype) == x.dtype:
-        v = v.to(x.dtype)  # a bfloat16 slope (autocast) for a float32 x: as add_ computes it
+    same shape, dtype and device), else euler_step_reference_ (float64, broadcasting...)."""
     if (x.dtype in KERNEL_DTYPES and v.dtype == x.dtype and v.shape == x.shape
             and v.device == x.device and x.is_contiguous() and v.is_contiguous()
             and x.device.type in load_kernels()):

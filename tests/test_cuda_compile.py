@@ -515,3 +515,53 @@ def test_euler_replay(dtype, n, x_off, v_off, same, built):
     if n > 3 * 8 * 256 * 8:
         assert r["passes"] >= 2, r
         assert r["tail"] > 0 or x_off != 0, r
+
+
+# ---------------------------------------------------------------------------------------
+# Another torch: the GPU machine's (torch 2.11.0+cu130 there), installed in a venv of its own
+# ---------------------------------------------------------------------------------------
+
+OTHER_TORCH = os.environ.get("RIVER_OTHER_TORCH")  # that venv's python
+
+# In the other torch's python: river's JIT build as on a GPU machine (torch.cuda.is_available
+# made true; TORCH_CUDA_ARCH_LIST names the architecture), strict as RIVER_KERNELS=ext, then
+# what got registered and how nvcc was called.
+BUILD_WITH_OTHER_TORCH = r"""
+import glob, json, os, sys
+import torch
+torch.cuda.is_available = lambda: True
+sys.path.insert(0, sys.argv[1])
+import river
+build = river.csrc_build()
+devices = build.load(strict=True)
+ninja = glob.glob(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "river_kernels*", "build.ninja"))
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+z = torch.randn(50, 4)
+print(json.dumps({
+    "torch": torch.__version__, "cuda": torch.version.cuda, "devices": sorted(devices),
+    "cuda_kernels": [has(f"river::{op}", "CUDA") for op in ("vq_nearest", "euler_step_")],
+    "cpu_ok": bool(torch.equal(torch.ops.river.vq_nearest(z, z)[0], torch.arange(50))),
+    "cuda_home": build.cuda_home(), "ninja": open(ninja[0]).read() if ninja else ""}))
+"""
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(not OTHER_TORCH, reason="set RIVER_OTHER_TORCH to another torch's python "
+                                           "(a CUDA build, e.g. torch 2.11.0+cu130 in a venv)")
+def test_the_extension_builds_and_loads_with_another_torch(tmp_path):
+    """csrc/ compiles with nvcc, links and registers both CUDA kernels against that torch, with
+    the toolkit's runtime headers ahead of any pip wheel's (several minutes with MAX_JOBS=1)."""
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("RIVER_OTHER_TORCH_EXT", str(tmp_path))}
+    out = subprocess.run([OTHER_TORCH, "-c", BUILD_WITH_OTHER_TORCH, ROOT], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr[-5000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["cuda"] and r["devices"] == ["cpu", "cuda"] and r["cuda_kernels"] == [True, True]
+    assert r["cpu_ok"]
+    flags = re.search(r"^cuda_cflags = (.*)$", r["ninja"], re.M)[1].split()
+    toolkit = flags.index(os.path.join(r["cuda_home"], "include"))
+    wheels = [i for i, f in enumerate(flags) if "/nvidia/" in f]
+    assert all(i > toolkit for i in wheels), flags  # pip headers after the toolkit's
+    print(r["torch"], "CUDA", r["cuda"], "wheel include folders:", [flags[i] for i in wheels])

@@ -721,18 +721,6 @@ def test_river_dispatches_to_extension(kernels_mode, monkeypatch):
     torch.testing.assert_close(x, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_river_euler_step_takes_a_low_precision_slope(kernels_mode, monkeypatch, dtype):
-    # under autocast the field returns bfloat16 slopes for a float32 x: still the kernel,
-    # with the slope widened (exactly), as add_ widens it
-    assert "cpu" in kernels_mode("ext")
-    monkeypatch.setattr(river, "euler_step_reference_", None)  # a fallback fails here
-    x, v = torch.randn(1001), torch.randn(1001).to(dtype)
-    expected = x.clone().add_(v, alpha=0.3)
-    assert river.euler_step_(x, v, 0.3) is x
-    torch.testing.assert_close(x, expected)
-
-
 def test_river_kernels_ref_uses_reference(kernels_mode, monkeypatch):
     assert kernels_mode("ref") == frozenset()
     monkeypatch.setattr(river, "vq_nearest_reference", lambda z, e: "reference vq")
