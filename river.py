@@ -1020,16 +1020,16 @@ def load_kernels():
         raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
     if mode == "ref":
         return frozenset()
-    build = csrc_build()
     try:
-        return frozenset(build.load(strict=mode == "ext"))
+        return frozenset(csrc_build().load(strict=mode == "ext"))
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
         advice = f"; {e.advice}" if getattr(e, "advice", None) else ""
         if mode == "ext":
             raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: "
                                f"{e}{advice}")
-        cause = str(e) if isinstance(e, build.BuildError) else (  # a failed build says why
-            f"{type(e).__name__}: " + "\n    ".join(build.compiler_errors(str(e))))
+        # a failed build's BuildError holds the compiler's errors; anything else, its start
+        cause = str(e) if advice else f"{type(e).__name__}: " + "\n    ".join(
+            str(e).strip().splitlines()[:5])
         warnings.warn(f"river: csrc/ kernels unavailable ({cause}); using the PyTorch "
                       f"reference ops{advice}")
         return frozenset()

@@ -109,8 +109,8 @@ def cuda_include_dirs(cuda_home):
     if not missing:
         return []
     roots = site.getsitepackages() + [site.getusersitepackages()]
-    found = sorted(d for root in roots for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))
-                   if os.path.isdir(d))
+    found = sorted(d for root in roots
+                   for d in glob.glob(os.path.join(root, "nvidia", "*", "include")) if os.path.isdir(d))
     return [d for d in found if any(os.path.exists(os.path.join(d, h)) for h in missing)]
 
 

@@ -200,7 +200,8 @@ def fake_cuda(tmp_path, monkeypatch, toolkit_has_libraries):
     pip CUDA wheel's include folder (runtime headers of version 2, and the libraries'),
     which site.getsitepackages() lists. Returns (toolkit include, wheel include)."""
     import site
-    toolkit, wheel = tmp_path / "cuda" / "include", tmp_path / "site" / "nvidia" / "cu13" / "include"
+    toolkit = tmp_path / "cuda" / "include"
+    wheel = tmp_path / "site" / "nvidia" / "cu13" / "include"
     other = tmp_path / "site" / "nvidia" / "nccl" / "include"  # holds none of them
     for folder in (toolkit, wheel, other):
         folder.mkdir(parents=True)
