@@ -79,7 +79,6 @@ PARTS = {"preflight": (15, 10), "build": (130, 60), "kernels": (90, 30), "saniti
 OPTIONAL = {"bench", "compile"}  # timings: running out of time there is no fault
 NEEDS_KERNELS = {"kernels", "sanitizer", "bench"}  # skipped when the build failed
 DRY_SECONDS = 240  # per part, on the CPU
-STATUSES = ("ok", "failed", "timeout", "skipped")
 # river part: steps of each stage, the checkpoint interval, the flow steps after --resume
 STEPS = {False: (40, 20, 60), True: (4, 2, 6)}  # by dry_run
 
