@@ -232,15 +232,19 @@ def vq_nearest_reference(z, codebook):
     NaN and inf, the rule the fused ops follow too: a code with a NaN or infinite entry is
     never chosen; a row with one, or with no such code to choose from, gets index 0 and
     distance NaN. (A row or code whose squared norm overflows float32, from entries of
-    ~1e19, counts as infinite.)
+    ~1e19, counts as infinite.) float16/bfloat16 inputs are computed in float32, as the
+    fused ops do (float16 squares overflow from entries of ~256), and the distance rounded
+    back to their dtype.
     """
+    out_dtype, dtype = z.dtype, torch.promote_types(z.dtype, torch.float32)  # float32 or 64
+    z, codebook = z.to(dtype), codebook.to(dtype)
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, the (N, K) matrix the fused op avoids
     invalid = ~codebook.float().pow(2).sum(1).isfinite()  # (K,)
     e = codebook.masked_fill(invalid[:, None], 0)  # an invalid code: 0 here, ||e||^2 = inf
     e2 = (e * e).sum(1).masked_fill(invalid, math.inf)  # (K,)
     d2, idx = ((z * z).sum(1, keepdim=True) - 2 * z @ e.t() + e2).min(1)  # min over (N, K)
     bad = ~(z.float().pow(2).sum(1).isfinite() & (d2 < math.inf))  # (N,)
-    return idx.masked_fill(bad, 0), d2.clamp_min(0).masked_fill(bad, math.nan)
+    return idx.masked_fill(bad, 0), d2.clamp_min(0).masked_fill(bad, math.nan).to(out_dtype)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1010,22 +1014,26 @@ def csrc_build():
 def load_kernels():
     """The device types ("cpu", "cuda") whose tensors torch.ops.river.* take: csrc_build().load()
     imports an installed build of today's csrc/ sources or compiles them with ninja. Empty
-    (false) when they cannot load: that warns once, with what to do."""
+    (false) when they cannot load: that warns once, with the compiler's errors and what to do.
+    A GPU without CUDA kernels keeps the CPU ones (a warning says why); RIVER_KERNELS=ext
+    raises instead of either."""
     mode = os.environ.get("RIVER_KERNELS", "auto")
     if mode not in ("auto", "ref", "ext"):
         raise ValueError(f"RIVER_KERNELS={mode!r} is not one of auto, ref, ext")
     if mode == "ref":
         return frozenset()
     try:
-        return frozenset(csrc_build().load())
+        return frozenset(csrc_build().load(strict=mode == "ext"))
     except Exception as e:  # no compiler, no ninja, a broken toolchain...
         advice = f"; {e.advice}" if getattr(e, "advice", None) else ""
         if mode == "ext":
             raise RuntimeError(f"RIVER_KERNELS=ext but the csrc/ extension failed to load: "
                                f"{e}{advice}")
-        cause = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"river: csrc/ kernels unavailable ({type(e).__name__}: {cause}); "
-                      f"using the PyTorch reference ops{advice}")
+        # a failed build's BuildError holds the compiler's errors; anything else, its start
+        cause = str(e) if advice else f"{type(e).__name__}: " + "\n    ".join(
+            str(e).strip().splitlines()[:5])
+        warnings.warn(f"river: csrc/ kernels unavailable ({cause}); using the PyTorch "
+                      f"reference ops{advice}")
         return frozenset()
 
 
@@ -1614,8 +1622,9 @@ def resume(ckpt, model, opt, sched, ema, lr, weight_decay, rank):
     state = ckpt["rng"][rank % len(ckpt["rng"])]
     state = state if isinstance(state, dict) else {"cpu": state}  # older runs saved the CPU's
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+    device = next(model.parameters()).device  # the run's: --device cuda:1 is not current
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     return ckpt["step"], ckpt.get("bad_steps", 0)
 
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -35,6 +36,11 @@ inline void check_vq_nearest_args(const at::Tensor& z, const at::Tensor& codeboo
 // dense with the same strides (channels_last, a permuted tensor), and v either x's very
 // elements or apart from them. Anything else is refused.
 inline void check_euler_step_args(const at::Tensor& x, const at::Tensor& v) {
+  // as add_ does: autograd would not see the change of a leaf it computes a gradient for
+  // (the op has no autograd formula; the sampler runs it under no_grad)
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
+              "euler_step_: a leaf Variable that requires grad is being used in an in-place "
+              "operation (run it under torch.no_grad())");
   TORCH_CHECK(is_float_type(x.scalar_type()),
               "euler_step_: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.scalar_type() == v.scalar_type(), "euler_step_: x is ", x.scalar_type(),

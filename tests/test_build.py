@@ -3,7 +3,9 @@ build made from other sources than today's csrc/ is noticed, not loaded silently
 import importlib.util
 import os
 import shutil
+import subprocess
 import types
+import warnings
 
 import pytest
 
@@ -70,20 +72,96 @@ def test_a_library_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch)
     assert compiled and f"-DRIVER_SOURCE_HASH={build.source_hash()}" in compiled[0]
 
 
-def test_a_failed_build_warns_with_its_cause(monkeypatch):
+# what torch's JIT raises when a compile fails: its first line the command, then ninja's
+# FAILED target, the command again, the compiler's messages
+NINJA_LOG = """Error building extension 'river_kernels': [1/2] c++ -MMD -MF river_ops.o.d \
+-DTORCH_EXTENSION_NAME=river_kernels -isystem /torch/include -fPIC -std=c++17 -O3 -fopenmp \
+-c /src/csrc/river_ops.cpp -o river_ops.o
+FAILED: river_ops.o
+c++ -MMD -MF river_ops.o.d -DTORCH_EXTENSION_NAME=river_kernels -isystem /torch/include -O3 \
+-c /src/csrc/river_ops.cpp -o river_ops.o
+/src/csrc/river_ops.cpp:10:3: error: 'foo' was not declared in this scope
+   10 |   foo();
+      |   ^~~
+ninja: build stopped: subcommand failed.
+"""
+
+
+def test_a_failed_build_warns_with_the_compilers_errors(monkeypatch):
     import torch.utils.cpp_extension
 
     def broken(**kw):
-        raise RuntimeError("g++: fatal error: no input files\nmore lines of the log")
+        raise RuntimeError(NINJA_LOG)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # nothing installed
     monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
     monkeypatch.delenv("RIVER_KERNELS", raising=False)
     river.load_kernels.cache_clear()
     try:
-        cause = r"\(RuntimeError: g\+\+: fatal error: no input files\); using"  # first line
-        with pytest.warns(UserWarning, match=cause):
+        with pytest.warns(UserWarning) as record:
             assert not river.load_kernels()
+    finally:
+        river.load_kernels.cache_clear()
+    message = str(record[-1].message)
+    assert "the CPU build failed (RuntimeError: " in message
+    assert "river_ops.cpp:10:3: error: 'foo' was not declared in this scope" in message
+    assert "FAILED: river_ops.o" in message and "using the PyTorch reference ops" in message
+    assert "-MMD" not in message  # not the command lines
+
+
+def test_compiler_errors_of_nvcc_and_of_a_log_without_any():
+    errors = river.csrc_build().compiler_errors
+    log = ("Error building extension 'river_kernels': [1/4] /usr/local/cuda/bin/nvcc " + "-x " * 200
+           + "-c vq_nearest.cu -o vq_nearest.cuda.o\nFAILED: vq_nearest.cuda.o\n"
+           "/src/vq_nearest.cu(12): error: identifier \"tile\" is undefined\n"
+           "1 error detected in the compilation of \"/src/vq_nearest.cu\".\n"
+           "ninja: build stopped: subcommand failed.")
+    assert errors(log) == ["FAILED: vq_nearest.cuda.o",
+                           '/src/vq_nearest.cu(12): error: identifier "tile" is undefined',
+                           '1 error detected in the compilation of "/src/vq_nearest.cu".']
+    assert errors("no compiler\nfound at all\n") == ["no compiler", "found at all"]
+    assert all(len(line) <= 300 for line in errors("error: " + "x" * 1000))
+
+
+def installed_without_cuda(monkeypatch, tmp_path):
+    """An installed river_kernels built from today's sources, with CPU kernels only, on a
+    machine that has a GPU."""
+    import sys
+    import torch
+    build = river.csrc_build()
+    library = tmp_path / "river_kernels.so"
+    library.write_bytes(b"\x7fELF..." + build.HASH_TAG + build.source_hash().encode())
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(origin=str(library)))
+    monkeypatch.setitem(sys.modules, "river_kernels", types.ModuleType("river_kernels"))
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: key != "CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build, "register_fakes", lambda: None)
+    monkeypatch.delenv("RIVER_NO_CUDA", raising=False)
+    return library
+
+
+def test_an_installed_build_without_cuda_kernels_warns_once_on_a_gpu(monkeypatch, tmp_path):
+    library = installed_without_cuda(monkeypatch, tmp_path)
+    monkeypatch.delenv("RIVER_KERNELS", raising=False)
+    river.load_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"the installed {library} has no CUDA kernels.*"
+                                             "CUDA tensors use the PyTorch reference ops"):
+            assert river.load_kernels() == {"cpu"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert river.load_kernels() == {"cpu"}  # once: no second warning
+        monkeypatch.setenv("RIVER_KERNELS", "ext")  # forced: an error, not a fallback
+        river.load_kernels.cache_clear()
+        with pytest.raises(RuntimeError, match="RIVER_KERNELS=ext but .* has no CUDA kernels"):
+            river.load_kernels()
+        monkeypatch.setenv("RIVER_NO_CUDA", "1")  # asked for: silent
+        river.load_kernels.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert river.load_kernels() == {"cpu"}
     finally:
         river.load_kernels.cache_clear()
 
@@ -115,3 +193,52 @@ def test_no_cuda_build_where_torch_has_no_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: calls.append(kw))
     assert build.load() == ("cpu",)
     assert not any(src.endswith(".cu") for src in calls[0]["sources"])
+
+
+def fake_cuda(tmp_path, monkeypatch, toolkit_has_libraries):
+    """A toolkit (cuda_runtime_api.h of version 1, cublas_v2.h and cusparse.h or not) and a
+    pip CUDA wheel's include folder (runtime headers of version 2, and the libraries'),
+    which site.getsitepackages() lists. Returns (toolkit include, wheel include)."""
+    import site
+    toolkit = tmp_path / "cuda" / "include"
+    wheel = tmp_path / "site" / "nvidia" / "cu13" / "include"
+    other = tmp_path / "site" / "nvidia" / "nccl" / "include"  # holds none of them
+    for folder in (toolkit, wheel, other):
+        folder.mkdir(parents=True)
+    for folder, version in ((toolkit, 1), (wheel, 2)):  # guarded, as the real ones are
+        (folder / "cuda_runtime_api.h").write_text(
+            f"#ifndef FAKE_CUDART\n#define FAKE_CUDART {version}\n#endif\n")
+    (other / "nccl.h").write_text("\n")
+    for header in ("cublas_v2.h", "cusparse.h"):
+        (wheel / header).write_text("#include \"cuda_runtime_api.h\"\n")
+        if toolkit_has_libraries:
+            (toolkit / header).write_text("#include \"cuda_runtime_api.h\"\n")
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(tmp_path / "site")])
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "nowhere"))
+    monkeypatch.setattr(river.csrc_build(), "cuda_home", lambda: str(tmp_path / "cuda"),
+                        raising=False)
+    return toolkit, wheel
+
+
+def test_pip_cuda_headers_only_where_the_toolkit_lacks_them(tmp_path, monkeypatch):
+    fake_cuda(tmp_path, monkeypatch, toolkit_has_libraries=True)
+    args = river.csrc_build().extension_args(True)
+    assert not args["include_dirs"] and "-isystem" not in args["cxx"] + args["nvcc"]
+
+
+def test_pip_cuda_headers_come_after_the_toolkits(tmp_path, monkeypatch):
+    """Without cublas_v2.h in the toolkit the wheel's folder is added, but searched after the
+    toolkit's (whose cuda_runtime_api.h must win): compiled with the include order torch's
+    JIT and setuptools use (include_dirs as -I, then torch's and the toolkit's -isystem, then
+    the extension's flags)."""
+    toolkit, wheel = fake_cuda(tmp_path, monkeypatch, toolkit_has_libraries=False)
+    args = river.csrc_build().extension_args(True)
+    source = tmp_path / "probe.cpp"
+    source.write_text("#include <cuda_runtime_api.h>\n#include <cublas_v2.h>\n"  # as ATen
+                      "static_assert(FAKE_CUDART == 1, \"the wheel's runtime header won\");\n")
+    cxx = [f for f in args["cxx"] if f != "-fopenmp"]
+    cmd = ["g++", "-fsyntax-only", *[f"-I{d}" for d in args["include_dirs"]], "-isystem",
+           str(toolkit), *cxx, str(source)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert args["cxx"][-2:] == args["nvcc"][-2:] == ["-isystem", str(wheel)]  # not the nccl one
