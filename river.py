@@ -91,7 +91,7 @@ class Config:
     change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
                                   # by this, not the latent (see flow_loss), and read frames out
                                   # as the last real frame plus the decoded change; 0: the paper's
-    conditioning: str = "random"  # which past frames condition the field: CONDITIONING below
+    conditioning: str = "random"  # which past frames condition the field: training_indices
     dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
     flow_batch: int = 64
@@ -116,40 +116,6 @@ class Config:
     refine_batch: int = 32         # frame pairs per step
     refine_lr: float = 1e-3
     refine_loss: str = "mse"       # mse | l1, on pixels (+ 0.1 x an I3D loss with --refine-i3d)
-
-
-class RiverError(Exception):
-    """A problem with the user's input; main() prints it as one line, without a traceback."""
-
-
-# Config.conditioning: the paper's sparse conditioning and three ablations
-CONDITIONING = {"random": "one random older frame, drawn anew at every evaluation (the paper)",
-                "last": "the reference again: no older frame",
-                "fixed": "always the frame just before the reference",
-                "dense": "the dense_frames - 1 frames before the reference at once, on channels"}
-
-
-def check_config(cfg):
-    """One-line errors for a config that cannot be built or trained; River checks every config
-    it is built with, from the command line or from Python."""
-    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
-        if getattr(cfg, key) < 1:
-            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.frame_skip < 1:
-        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
-    if cfg.clip_frames < 3:
-        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
-                         f"got {cfg.clip_frames}")
-    if cfg.conditioning not in CONDITIONING:
-        raise RiverError(f"unknown conditioning {cfg.conditioning!r}: use one of "
-                         f"{', '.join(CONDITIONING)}")
-    if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
-        raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
-                         f"{cfg.refine_steps} and {cfg.refine_loss!r}")
-    if cfg.dense_frames < 2:
-        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
-    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
-        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,9 +147,10 @@ class ClipDataset(torch.utils.data.Dataset):
         self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
         self.skipped = len(lengths) - len(self.keep)
         if not self.keep:
-            raise RiverError(f"no video in split {split!r} has the {self.span} frames a clip needs "
-                             f"(longest has {max(lengths)}): pass a smaller --clip-frames or "
-                             "--frame-skip, or use longer videos")
+            raise data_prep.DataError(
+                f"no video in split {split!r} has the {self.span} frames a clip needs (longest "
+                f"has {max(lengths)}): pass a smaller --clip-frames or --frame-skip, or use "
+                "longer videos")
         if self.skipped and notes:
             print(f"note: {self.skipped} of {len(lengths)} videos in split {split!r} are shorter "
                   f"than a clip ({self.span} frames) and are skipped", file=sys.stderr)
@@ -229,12 +196,7 @@ def vq_nearest_reference(z, codebook):
     """Nearest code for every row of z. z: (N, D), codebook: (K, D).
 
     Returns (indices int64 (N,), squared distances (N,)). Ties go to the lowest index.
-    NaN and inf, the rule the fused ops follow too: a code with a NaN or infinite entry is
-    never chosen; a row with one, or with no such code to choose from, gets index 0 and
-    distance NaN. (A row or code whose squared norm overflows float32, from entries of
-    ~1e19, counts as infinite.) float16/bfloat16 inputs are computed in float32, as the
-    fused ops do (float16 squares overflow from entries of ~256), and the distance rounded
-    back to their dtype.
+    NaN, inf and half precision follow the contract of the fused ops (csrc/river_ops.cpp).
     """
     out_dtype, dtype = z.dtype, torch.promote_types(z.dtype, torch.float32)  # float32 or 64
     z, codebook = z.to(dtype), codebook.to(dtype)
@@ -582,7 +544,8 @@ class UNet(nn.Module):
     def forward(self, x, t, ref, cond, d):
         """x, ref, cond: (B, D, h, w); t: (B,) in [0, 1]; d: (B,) distances >= 1."""
         # t in [0, 1] is scaled as diffusion's step index (0..1000): the sinusoid's frequencies
-        # then tell apart times that differ by 1e-3; d spans 1..T, so its log enters the MLP
+        # then tell apart times that differ by 1e-3; d is 1 to T-2 in training and up to L-1
+        # when sampling (beyond the trained range), so its log enters the MLP
         emb = self.time_mlp(sinusoidal(1000 * t, self.stem.out_channels))
         emb = emb + self.dist_mlp(torch.log(d.float())[:, None])  # (B, E)
         h = self.stem(torch.cat([x, ref, cond], 1))  # (B, (2 + cond) D, h, w) -> (B, ch0, h, w)
@@ -609,7 +572,12 @@ FIELDS = {"unet": UNet}  # by Config.field; the official "uvit" is added after t
 def training_indices(B, T, mode="random", device="cpu"):
     """Target tau ~ U{2, ..., T-1} (a target needs its reference tau-1 and one older frame),
     reference tau-1 and the conditioning frame c with its distance d = (tau-1) - c, by the
-    CONDITIONING mode: random c ~ U{0, ..., tau-2}; last c = tau-1; fixed and dense c = tau-2."""
+    conditioning mode (Config.conditioning):
+      random  c ~ U{0, ..., tau-2}, one random older frame (the paper); so d <= T-2
+      last    c = tau-1, the reference again: no older frame (an ablation)
+      fixed   c = tau-2, always the frame just before the reference (an ablation)
+      dense   the dense_frames - 1 frames before the reference at once (an ablation; see
+              conditioning_latents), d = 1."""
     tau = torch.randint(2, T, (B,), device=device)
     ref = tau - 1
     if mode == "random":
@@ -751,86 +719,19 @@ def warm_start_state(z_last, s, sigma_min, eps=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Refinement (stage 3, optional): a decoded frame, sharpened given the frame before it
-# ---------------------------------------------------------------------------------------
-# The VQ bottleneck loses texture. Most of it is still in the previous frame (what did not
-# move looks the same), so the refiner sees [previous frame, decoded frame] and puts back what
-# the codes dropped. It is RCAN (Zhang et al. 2018), as in the official refinement/.
-
-def conv3x3(ch_in, ch_out):
-    return nn.Conv2d(ch_in, ch_out, 3, padding=1)
-
-
-class Residual(nn.Module):
-    """x + body(x)."""
-
-    def __init__(self, *layers):
-        super().__init__()
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.body(x)
-
-
-class ChannelAttention(nn.Module):
-    """x * gate(x): one weight per channel from the whole image (global average pool, 1x1 conv
-    ch -> ch/r, ReLU, 1x1 conv back, sigmoid), so a block can turn channels up or down."""
-
-    def __init__(self, ch, reduction):
-        super().__init__()
-        self.conv_du = nn.Sequential(nn.Conv2d(ch, ch // reduction, 1), nn.ReLU(),
-                                     nn.Conv2d(ch // reduction, ch, 1), nn.Sigmoid())
-
-    def forward(self, x):
-        return x * self.conv_du(x.mean((2, 3), keepdim=True))  # (B, ch, 1, 1) gates
-
-
-class Refiner(nn.Module):
-    """refiner(previous, frame) -> frame refined, all (B, C, H, W) in [-1, 1]: a 3x3 conv of the
-    2C input channels to `width`; `groups` residual groups of `blocks` residual blocks (conv,
-    ReLU, conv, channel attention) and a conv; a conv and a long residual; a 3x3 conv to C.
-    skip=True adds the frame to the output (river's, trained here: it starts as the identity);
-    the official files have no such skip, and an optional tanh."""
-
-    def __init__(self, channels=3, groups=3, blocks=3, width=64, reduction=8, tanh=False,
-                 skip=False):
-        super().__init__()
-        self.tanh, self.skip = tanh, skip
-
-        def block():
-            return Residual(conv3x3(width, width), nn.ReLU(), conv3x3(width, width),
-                            ChannelAttention(width, reduction))
-
-        self.head = conv3x3(2 * channels, width)
-        self.body = nn.Sequential(*(Residual(*(block() for _ in range(blocks)),
-                                             conv3x3(width, width)) for _ in range(groups)),
-                                  conv3x3(width, width))
-        self.tail = conv3x3(width, channels)
-        if skip:  # zero output layer: a refiner that has learnt nothing changes nothing
-            nn.init.zeros_(self.tail.weight)
-            nn.init.zeros_(self.tail.bias)
-
-    def forward(self, previous, frame):
-        h = self.head(torch.cat([previous, frame], 1))  # (B, 2C, H, W) -> (B, width, H, W)
-        y = self.tail(h + self.body(h))
-        y = torch.tanh(y) if self.tanh else y
-        return frame + y if self.skip else y
-
-
-# ---------------------------------------------------------------------------------------
 # River: the whole model
 # ---------------------------------------------------------------------------------------
 
 class River(nn.Module):
-    """The whole model: a frozen VQ autoencoder, the vector field (Config.ae_kind, .field) and,
-    when the config trains one (refine_steps > 0), the refiner."""
+    """The whole model: a frozen VQ autoencoder and the vector field (Config.ae_kind, .field).
+    `refiner` holds the official code's optional refiner when one is trained or loaded (it is
+    applied after the method, by refine_frames)."""
 
     def __init__(self, cfg):
         super().__init__()
-        check_config(cfg)
+        check_config(cfg)  # one-line errors for bad values (with the machinery, after the method)
         self.cfg, self.ae, self.field = cfg, AUTOENCODERS[cfg.ae_kind](cfg), FIELDS[cfg.field](cfg)
-        self.refiner = Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks,
-                               cfg.refine_width, skip=True) if cfg.refine_steps else None
+        self.refiner = None
 
     def sampling_settings(self, steps=None, warm_start=None, solver=None):
         """(steps, warm_start, solver): the ones given, the config's where None."""
@@ -860,42 +761,23 @@ class River(nn.Module):
         return ref + scale * x if scale else x
 
     @torch.no_grad()
-    def refine(self, previous, frames):
-        """Refine predicted frames (B, P, C, H, W) one after the other, each with the frame
-        before it: `previous` (B, C, H, W), the last real frame, for the first, then the
-        refinement of the one before."""
-        out = []
-        for frame in frames.unbind(1):
-            previous = self.refiner(previous, frame).clamp(-1, 1)
-            out.append(previous)
-        return torch.stack(out, 1)
-
-    @torch.no_grad()
     def generate_frames(self, context, num_frames, steps=None, warm_start=None, solver=None,
-                        past_horizon=-1, verbose=False, refine=False):
+                        past_horizon=-1, verbose=False):
         """Predict num_frames frames after context (B, n, C, H, W) in [-1, 1]: one sample.
 
         Returns (B, n + num_frames, C, H, W), as the official generate_frames: the context
-        passed through the autoencoder, then the predictions (see `readout`; refined with
-        refine=True). `steps` are solver steps over [0, 1] (see time_grid); defaults come
-        from the config.
+        passed through the autoencoder, then the predictions (see `readout`). `steps` are
+        solver steps over [0, 1] (see time_grid); defaults come from the config.
         """
-        if refine and self.refiner is None:
-            raise RiverError("refine=True but this model has no refiner: train one (train "
-                             "--stage refine) or load one (load_refiner)")
         steps, warm_start, solver = self.sampling_settings(steps, warm_start, solver)
-        B, n = context.shape[:2]
         history = self.encode_frames(context)  # (B, n, D, h, w)
-        twice = n == 1 and self.cfg.official_history  # the official code's quirk: OFFICIAL_PARITY
+        twice = context.shape[1] == 1 and self.cfg.official_history  # the official code's quirk
         if twice:
             history = history[:, [0, 0]]
         for _ in trange(num_frames, desc="frames", disable=not verbose, leave=False):
             z_next = self.next_latent(history, steps, warm_start, solver, past_horizon)
             history = torch.cat([history, z_next[:, None]], 1)  # (B, L + 1, D, h, w)
-        frames = self.readout(context, history[:, 1:] if twice else history)
-        if refine:
-            frames[:, n:] = self.refine(context[:, -1], frames[:, n:])
-        return frames
+        return self.readout(context, history[:, 1:] if twice else history)
 
     def encode_frames(self, frames):
         """Frames (B, T, C, H, W) -> latents (B, T, D, h, w)."""
@@ -920,6 +802,41 @@ class River(nn.Module):
 # kernels, checkpoints and logs, the official code's own architectures with the loaders of
 # its released checkpoints, the training loop, evaluation, pictures and the command line.
 # =======================================================================================
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: one-line errors for a config that cannot be built or trained
+# ---------------------------------------------------------------------------------------
+
+class RiverError(Exception):
+    """A problem with the user's input; main() prints it as one line, without a traceback."""
+
+
+CONDITIONING = ("random", "last", "fixed", "dense")  # Config.conditioning: training_indices
+
+
+def check_config(cfg):
+    """One-line errors for a config that cannot be built or trained; River checks every config
+    it is built with, from the command line or from Python."""
+    for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
+        if getattr(cfg, key) < 1:
+            raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.frame_skip < 1:
+        raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
+    if cfg.clip_frames < 3:
+        raise RiverError(f"clip_frames must be at least 3 (target, reference, one older frame), "
+                         f"got {cfg.clip_frames}")
+    for key, table in (("conditioning", CONDITIONING), ("solver", SOLVERS), ("field", FIELDS),
+                       ("ae_kind", AUTOENCODERS), ("uvit_head", ("ln", "bn"))):
+        if getattr(cfg, key) not in table:
+            raise RiverError(f"unknown {key} {getattr(cfg, key)!r}: use one of {', '.join(table)}")
+    if cfg.refine_steps < 0 or cfg.refine_loss not in ("mse", "l1"):
+        raise RiverError(f"refine_steps must be at least 0 and refine_loss mse or l1, got "
+                         f"{cfg.refine_steps} and {cfg.refine_loss!r}")
+    if cfg.dense_frames < 2:
+        raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
+    if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
+        raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1382,6 +1299,84 @@ class UViT(nn.Module):
 
 AUTOENCODERS["clevrer"] = ClevrerVQVAE
 FIELDS["uvit"] = UViT
+
+# The official refiner (stage 3, optional): a decoded frame, sharpened given the frame before
+# it. The VQ bottleneck loses texture. Most of it is still in the previous frame (what did not
+# move looks the same), so the refiner sees [previous frame, decoded frame] and puts back what
+# the codes dropped. It is RCAN (Zhang et al. 2018), as in the official refinement/.
+
+class Residual(nn.Module):
+    """x + body(x)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ChannelAttention(nn.Module):
+    """x * gate(x): one weight per channel from the whole image (global average pool, 1x1 conv
+    ch -> ch/r, ReLU, 1x1 conv back, sigmoid), so a block can turn channels up or down."""
+
+    def __init__(self, ch, reduction):
+        super().__init__()
+        self.conv_du = nn.Sequential(nn.Conv2d(ch, ch // reduction, 1), nn.ReLU(),
+                                     nn.Conv2d(ch // reduction, ch, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.conv_du(x.mean((2, 3), keepdim=True))  # (B, ch, 1, 1) gates
+
+
+class Refiner(nn.Module):
+    """refiner(previous, frame) -> frame refined, all (B, C, H, W) in [-1, 1]: a 3x3 conv of the
+    2C input channels to `width`; `groups` residual groups of `blocks` residual blocks (conv,
+    ReLU, conv, channel attention) and a conv; a conv and a long residual; a 3x3 conv to C.
+    skip=True adds the frame to the output (river's, trained here: it starts as the identity);
+    the official files have no such skip, and an optional tanh."""
+
+    def __init__(self, channels=3, groups=3, blocks=3, width=64, reduction=8, tanh=False,
+                 skip=False):
+        super().__init__()
+        self.tanh, self.skip = tanh, skip
+
+        def block():
+            return Residual(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                            ChannelAttention(width, reduction))
+
+        self.head = nn.Conv2d(2 * channels, width, 3, padding=1)
+        self.body = nn.Sequential(*(Residual(*(block() for _ in range(blocks)),
+                                             nn.Conv2d(width, width, 3, padding=1)) for _ in range(groups)),
+                                  nn.Conv2d(width, width, 3, padding=1))
+        self.tail = nn.Conv2d(width, channels, 3, padding=1)
+        if skip:  # zero output layer: a refiner that has learnt nothing changes nothing
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
+
+    def forward(self, previous, frame):
+        h = self.head(torch.cat([previous, frame], 1))  # (B, 2C, H, W) -> (B, width, H, W)
+        y = self.tail(h + self.body(h))
+        y = torch.tanh(y) if self.tanh else y
+        return frame + y if self.skip else y
+
+
+@torch.no_grad()
+def refine_frames(refiner, previous, frames):
+    """Refine predicted frames (B, P, C, H, W) one after the other, each with the frame before
+    it: `previous` (B, C, H, W), the last real frame, for the first, then the refinement of the
+    one before."""
+    out = []
+    for frame in frames.unbind(1):
+        previous = refiner(previous, frame).clamp(-1, 1)
+        out.append(previous)
+    return torch.stack(out, 1)
+
+
+def new_refiner(cfg):
+    """The refiner river trains (Config.refine_*): it starts as the identity (skip)."""
+    return Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks, cfg.refine_width, skip=True)
+
 
 # OFFICIAL_PARITY: what river's method does as the official code does, so that a seed means
 # the same thing in both and a released model samples what it samples there: the sampler
@@ -2013,6 +2008,8 @@ def train_refiner(model, cfg, data, run, device, ckpt=None, cache_mb=4096, i3d=N
         return {"refine_psnr": float(psnr(out.clamp(-1, 1), pairs[:, 1]).mean())}
 
     state = ae.state_dict()
+    if model.refiner is None:
+        model.refiner = new_refiner(cfg).to(device)
     model.refiner = train_stage("refine", model.refiner, loss_fn, endless(batch),
                                 cfg.refine_steps, cfg.refine_lr, cfg, run, device, ckpt=ckpt,
                                 evaluate=evaluate, extra={"ae_hash": ae_fingerprint(state)}, **loop)
@@ -2160,7 +2157,7 @@ def predictions(model, context, frames, batch, *sampler, past_horizon=-1):
         pred = model.generate_frames(x, frames, *sampler, past_horizon)[:, x.shape[1]:]
         out["model"].append(pred.cpu())
         if model.refiner is not None:
-            out["refined"].append(model.refine(x[:, -1], pred).cpu())
+            out["refined"].append(refine_frames(model.refiner, x[:, -1], pred).cpu())
     return {kind: torch.cat(preds) for kind, preds in out.items() if preds}
 
 
@@ -2427,12 +2424,16 @@ def save_grid(context, truth, pred, path, scale=2):
     plt.close(fig)
 
 
-def write_predictions(model, context, truth, frames, stem, **sample_args):
-    """Predict `frames` frames after context (B, n, C, H, W); write stem.gif and stem.png with
-    context, ground truth (B, frames, C, H, W, or None) and prediction side by side."""
+def write_predictions(model, context, truth, frames, stem, refiner=None, **sample_args):
+    """Predict `frames` frames after context (B, n, C, H, W), refined by `refiner` if given;
+    write stem.gif and stem.png with context, ground truth (B, frames, C, H, W, or None) and
+    prediction side by side."""
     device = next(model.parameters()).device
-    pred = model.generate_frames(context.to(device), frames, **sample_args)[:, context.shape[1]:]
-    pred = pred.cpu()
+    context = context.to(device)
+    pred = model.generate_frames(context, frames, **sample_args)[:, context.shape[1]:]
+    if refiner is not None:
+        pred = refine_frames(refiner, context[:, -1], pred)
+    context, pred = context.cpu(), pred.cpu()
     save_gif(side_by_side(context, truth, pred), stem + ".gif")
     save_grid(context, truth, pred, stem + ".png")
     return pred
@@ -2446,7 +2447,7 @@ def write_samples(model, data, run):
                        cfg.frame_skip, 4)
     write_predictions(model, clips[:, :cfg.context], clips[:, cfg.context:],
                       clips.shape[1] - cfg.context, os.path.join(run, "samples"),
-                      refine=model.refiner is not None)
+                      refiner=model.refiner)
 
 
 # ---------------------------------------------------------------------------------------
@@ -2608,7 +2609,7 @@ def cmd_sample(args):
     with autocast(device, args.precision):
         write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
                           warm_start=args.warm_start, solver=args.solver, verbose=True,
-                          refine=args.refine or bool(args.refiner),
+                          refiner=model.refiner if args.refine or args.refiner else None,
                           past_horizon=args.past_horizon or -1)
     print(f"wrote {stem}.gif and {stem}.png")
 
@@ -2649,7 +2650,7 @@ def cmd_demo(args):
         torch.manual_seed(args.seed)
         clips = eval_clips(data, split, context, frames, cfg.frame_skip, 6)
         write_predictions(model, clips[:, :context], clips[:, context:], frames,
-                          os.path.join(run, "test_predictions"), refine=model.refiner is not None)
+                          os.path.join(run, "test_predictions"), refiner=model.refiner)
     gain = result["model_mean"]["psnr"] - result["copy_last"]["psnr"]
     print(f"\ndemo done: the model is {gain:+.2f} dB PSNR over copying the last frame.\nLook at:")
     for name, what in (("test_predictions.gif", "test videos: ground truth left, prediction right"),
@@ -2739,7 +2740,7 @@ def add_train_options(t):
     t.add_argument("--accum", type=positive, default=1, help="gradient accumulation steps")
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
     t.add_argument("--frame-skip", type=positive, help="stride between kept frames (preset's)")
-    t.add_argument("--conditioning", choices=("random", "last", "fixed", "dense"),
+    t.add_argument("--conditioning", choices=CONDITIONING,
                    help="past frame used as condition: random (paper); last, fixed, dense: "
                         "ablations")
     t.add_argument("--resume", action="store_true",

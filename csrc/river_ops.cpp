@@ -7,9 +7,11 @@
 //     holding the (N, K) distance matrix. Distances come back in z's dtype. NaN and inf (the
 //     rule of vq_nearest_reference): a code whose ||e||^2 is not finite is never chosen; a
 //     row whose ||z||^2 is not finite, or that has no code to choose, gets index 0 and NaN.
+//     A squared norm that overflows float32 (entries of ~1e19) counts as not finite.
 //   euler_step_(x, v, dt): x += dt * v in place, one pass over memory. v may be x itself
 //     (x <- (1 + dt) x); a v that overlaps x in part is refused, as add_ refuses it.
-//   Both take float32, float16 or bfloat16, compute in float32 and round once at the end.
+//   Both take float32, float16 or bfloat16, compute in float32 and round once at the end
+//   (the reference too: float16 squares would overflow from entries of ~256).
 //   Layouts: vq_nearest copies a strided z or codebook to a contiguous one (they are only
 //   read); euler_step_ takes x and v contiguous, or dense with the same strides (e.g. both
 //   channels_last), and refuses anything else rather than copy: it must write x in place.

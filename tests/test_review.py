@@ -48,6 +48,12 @@ def test_a_misspelt_conditioning_is_refused_from_python_too():
     assert set(river.CONDITIONING) == {"random", "last", "fixed", "dense"}
 
 
+@pytest.mark.parametrize("key", ["solver", "field", "ae_kind", "uvit_head"])
+def test_a_misspelt_name_is_one_line_not_a_keyerror(key):
+    with pytest.raises(river.RiverError, match=f"unknown {key} 'typo': use one of"):
+        river.River(river.replace(river.Config(), **{key: "typo"}))
+
+
 def test_checkpoints_keep_every_generator_a_resume_needs(finished):
     ckpt = torch.load(finished / "flow.pt", weights_only=True)
     assert [set(state) for state in ckpt["rng"]] == [{"cpu"}]  # the CPU run: its one generator

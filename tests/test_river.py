@@ -366,7 +366,7 @@ def test_short_videos_are_skipped_and_counted(tmp_path):
     clips = river.ClipDataset(path, 5)
     assert len(clips) == 2 and clips.skipped == 2
     torch.testing.assert_close(clips.clip(0, 3)[:, 0, 0, 0], torch.arange(3, 8) / 127.5 - 1)
-    with pytest.raises(river.RiverError, match="no video .* has the 9 frames"):
+    with pytest.raises(river.data_prep.DataError, match="no video .* has the 9 frames"):
         river.ClipDataset(path, 9)
 
 
