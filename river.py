@@ -1920,6 +1920,9 @@ class I3D(nn.Module):
         self.layers = Chain(dict(layers, Logits=Logits(c, classes)))
 
     def forward(self, x):
+        if x.shape[2] < 9:
+            raise RiverError(f"the I3D needs clips of 9 frames or more (its head pools 2 of "
+                             f"ceil(T / 8) positions in time), not {x.shape[2]}: score longer clips")
         return self.layers(x)
 
 
@@ -1995,10 +1998,12 @@ def i3d_state(variables):
 
 def resize_tf1(frames, size=224):
     """Frames (N, C, H, W) resized bilinearly to (N, C, size, size) as the reference FVD code
-    does (google-research's frechet_video_distance.py calls TF1's tf.image.resize_bilinear, whose
-    defaults are align_corners=False, half_pixel_centers=False): output pixel i reads the input
-    at i * H / size, between its two neighbours, the one past the last pixel clamped to it.
-    (F.interpolate reads at (i + 0.5) * H / size - 0.5, as StyleGAN-V's PyTorch FVD does.)"""
+    resizes them. google-research's frechet_video_distance.py (Unterthiner et al.) calls TF1's
+    tf.image.resize_bilinear, whose defaults (align_corners=False, half_pixel_centers=False) read
+    output pixel i at input position i * H / size, between its two neighbours, the one past the
+    last pixel clamped to it. The PyTorch FVDs derived from StyleGAN-V (MCVD, ExtDM, RIVER's
+    official code) use F.interpolate, which reads at (i + 0.5) * H / size - 0.5: on 32x32 clips
+    their FVD came out 5% higher than the reference's."""
     def taps(n):  # (size, n): the weights of output pixel i on the input pixels
         at = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
         lo = at.floor()
@@ -2037,9 +2042,10 @@ def i3d_call(i3d, video):
 
 
 @torch.no_grad()
-def i3d_features(i3d, videos, chunk=8, progress=True):
+def i3d_features(i3d, videos, chunk=2, progress=True):
     """i3d_call over videos (N, T, C, H, W) in chunks of clips, without gradients: (N, features)
-    on the CPU, with a progress bar (progress=False, or no terminal, hides it)."""
+    on the CPU, with a progress bar (progress=False, or no terminal, hides it). On the CPU larger
+    chunks are no faster (tests/bench_i3d.py) and hold more memory; a GPU wants more."""
     parts = videos.split(chunk)
     return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
         parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])

