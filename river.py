@@ -1791,7 +1791,7 @@ def same_padding(x, kernel, stride):
     return pads
 
 
-def pad(x, pads, value=0.0):
+def pad3d(x, pads, value=0.0):
     """x padded by (before, after) per dimension T, H, W."""
     flat = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last dimension first
     return F.pad(x, flat, value=value) if any(flat) else x
@@ -1807,7 +1807,7 @@ class MaxPool3dSame(nn.Module):
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x):
-        x = pad(x, same_padding(x, self.kernel, self.stride), -math.inf)
+        x = pad3d(x, same_padding(x, self.kernel, self.stride), -math.inf)
         for dim, k, s in zip((2, 3, 4), self.kernel, self.stride):
             x = x.unfold(dim, k, s).amax(-1)  # the windows along dim, as a last dimension, maxed
         return x
@@ -1828,7 +1828,7 @@ class Unit3D(nn.Module):
 
     def forward(self, x):
         pads = same_padding(x, self.kernel, self.stride)
-        x = pad(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d: the rest
+        x = pad3d(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d: the rest
         x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, [b for b, _ in pads])
         if not self.norm:
             return x
@@ -2031,7 +2031,7 @@ def i3d_call(i3d, video):
     device = next(iter(i3d.parameters()), torch.empty(0)).device
     x = rearrange(video, "b t c h w -> (b t) c h w").to(device).float()
     # fp32 under any autocast: the reference's numbers are fp32's, and where the CPU has no
-    # bf16 units (AMX, AVX-512 BF16) PyTorch's bf16 conv3d is some 60x slower (tests/bench_i3d.py)
+    # bf16 units (AMX, AVX-512 BF16) PyTorch's bf16 conv3d is 100x slower (tests/bench_i3d.py)
     with torch.autocast(device.type, enabled=False):
         x = (resize_tf1(x) if isinstance(i3d, I3D) else
              F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
