@@ -2042,11 +2042,12 @@ def i3d_call(i3d, video):
 
 
 @torch.no_grad()
-def i3d_features(i3d, videos, chunk=2, progress=True):
+def i3d_features(i3d, videos, chunk=None, progress=True):
     """i3d_call over videos (N, T, C, H, W) in chunks of clips, without gradients: (N, features)
-    on the CPU, with a progress bar (progress=False, or no terminal, hides it). On the CPU larger
-    chunks are no faster (tests/bench_i3d.py) and hold more memory; a GPU wants more."""
-    parts = videos.split(chunk)
+    on the CPU, with a progress bar (progress=False, or no terminal, hides it). chunk: clips
+    per call, by default 1 on the CPU (the fastest there: tests/bench_i3d.py), 16 on a GPU."""
+    on_gpu = next(iter(i3d.parameters()), torch.empty(0)).device.type != "cpu"
+    parts = videos.split(chunk or (16 if on_gpu else 1))
     return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
         parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])
 
