@@ -2054,8 +2054,9 @@ def i3d_features(i3d, videos, chunk=None, progress=True):
     per call, by default 1 on the CPU (the fastest there: tests/bench_i3d.py), 16 on a GPU."""
     on_gpu = next(iter(i3d.parameters()), torch.empty(0)).device.type != "cpu"
     parts = videos.split(chunk or (16 if on_gpu else 1))
-    return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
-        parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 would miss 1e-3
+        return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
+            parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -2477,21 +2478,25 @@ def fvd_of_sets(real, fakes):
 
 @torch.no_grad()
 def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solver=None,
-             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1):
+             batch=64, seed=0, i3d=None, fvd_context=True, memory=None, past_horizon=-1,
+             fvd_clips=None):
     """Predict clips[:, context:] from clips[:, :context] `samples` times, single samples each.
 
     Returns a dict of per-frame and mean PSNR/SSIM (sample_rows) of the model and, with a
     refiner, of the same samples refined; of the copy-last-frame baseline and of the true
     latents read out ("autoencoder"); the NFE and seconds per predicted frame of one sample;
     with an I3D, "fvd" (fvd_of_sets) of model, copy_last and refined, over whole clips
-    (fvd_context) or the predicted frames alone; with memory, a bool (M, P) mask of predicted
-    frames, PSNR/SSIM over those frames alone.
+    (fvd_context) or the predicted frames alone, of the first fvd_clips clips (None: all); with
+    memory, a bool (M, P) mask of predicted frames, PSNR/SSIM over those frames alone.
     """
     torch.manual_seed(seed)
     sampler = model.sampling_settings(steps, warm_start, solver)
     M, T = clips.shape[:2]
     truth, past = clips[:, context:], clips[:, :context]  # (M, P, C, H, W): P predicted frames
-    whole = (lambda pred: torch.cat([past, pred], 1)) if fvd_context else (lambda pred: pred)
+
+    def whole(pred):  # the clips FVD sees
+        return (torch.cat([past, pred], 1) if fvd_context else pred)[:fvd_clips]
+
     last = clips[:, context - 1:context].expand_as(truth)
     scores, totals, features, tic = {}, {}, {}, time.time()
     for _ in trange(samples, desc="samples", leave=False, disable=None):
@@ -2512,7 +2517,7 @@ def evaluate(model, clips, context, samples=1, steps=None, warm_start=None, solv
     if i3d is not None:
         features["copy_last"] = [i3d_features(i3d, whole(last))]
         out["fvd"] = fvd_of_sets(i3d_features(i3d, whole(truth)), features) | {
-            "videos": M, "samples": samples, "context_included": fvd_context}
+            "videos": len(whole(truth)), "samples": samples, "context_included": fvd_context}
     return out
 
 
@@ -2758,7 +2763,7 @@ def run_eval(model, data, split, out, settings, steps=None, warm_start=None, sol
                                memory=True)
     result = evaluate(model, clips, context, settings["samples"], steps, warm_start, solver,
                       seed=seed, i3d=i3d, fvd_context=settings["fvd_context"], memory=memory,
-                      past_horizon=past_horizon or -1)
+                      past_horizon=past_horizon or -1, fvd_clips=settings.get("fvd_clips"))
     result["protocol"] = {"name": protocol or "river", "data": data, "split": split,
                           "videos": len(clips), "context": context, "predicted": frames,
                           "frame_skip": cfg.frame_skip, "samples": settings["samples"],
@@ -2875,17 +2880,37 @@ def cmd_sample(args):
     print(f"wrote {stem}.gif and {stem}.png")
 
 
+def i3d_installed():
+    try:
+        return os.path.exists(i3d_weights_path())
+    except RiverError:
+        return False
+
+
+def eval_i3d(args, device):
+    """The I3D of eval's FVD: --fvd-i3d's file; river's with --fvd (one line and exit 2 when its
+    weights are missing, before anything is written) or with a protocol that reports FVD when
+    they are installed; else None."""
+    if args.fvd_i3d:
+        return load_i3d(args.fvd_i3d, device)
+    fvd_protocol = args.protocol in ("bair", "kth") and i3d_installed()
+    return load_i3d(device=device) if args.fvd or fvd_protocol else None
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
     model = load_model(args, device)
     settings = eval_settings(args, model.cfg)
-    i3d = load_i3d(args.fvd_i3d, device) if args.fvd_i3d else None
+    i3d = eval_i3d(args, device)
     own_run = os.path.isdir(args.run) and not args.official
     out = args.out or os.path.join(args.run if own_run else ".", "eval")
     split = pick_split(args.data, args.split or "test", named=bool(args.split))
     with autocast(device, args.precision):
         return run_eval(model, args.data, split, out, settings, args.steps, args.warm_start,
                         args.solver, args.seed, i3d, args.protocol, args.past_horizon)
+
+
+DEMO_FVD_CLIPS = 50  # FVD of the first 50 test clips: the I3D's cost, about a minute on 2 cores
 
 
 def cmd_demo(args):
@@ -2903,11 +2928,14 @@ def cmd_demo(args):
                   precision=args.precision).eval()
     context, frames = sampling_lengths(cfg)
     settings = dict(context=context, frames=frames, videos=0, samples=1, report="mean",
-                    fvd_context=True)
+                    fvd_context=True, fvd_clips=DEMO_FVD_CLIPS)
     split = pick_split(data, "test")
-    with autocast(next(model.parameters()).device, args.precision):
+    device = next(model.parameters()).device
+    i3d = load_i3d(device=device) if i3d_installed() else None
+    with autocast(device, args.precision):
         write_samples(model, data, run)
-        result = run_eval(model, data, split, os.path.join(run, "eval"), settings, seed=args.seed)
+        result = run_eval(model, data, split, os.path.join(run, "eval"), settings, seed=args.seed,
+                          i3d=i3d)
         torch.manual_seed(args.seed)
         clips = eval_clips(data, split, context, frames, cfg.frame_skip, 6)
         write_predictions(model, clips[:, :context], clips[:, context:], frames,
@@ -3070,7 +3098,10 @@ def build_parser():
     e.add_argument("--samples", type=positive, help="single samples per clip: their mean, "
                    "best of N and FVD are reported (default: the protocol's, else 8)")
     e.add_argument("--videos", type=int, help="videos to evaluate (0: all; default 256)")
-    e.add_argument("--fvd-i3d", help="TorchScript I3D for FVD (skipped without it)")
+    e.add_argument("--fvd", action="store_true", help="FVD too, with river's Kinetics-400 I3D "
+                   f"(its weights: {I3D_INSTALL}); --protocol bair/kth: on when installed")
+    e.add_argument("--fvd-i3d", metavar="PATH", help="FVD with this TorchScript I3D instead "
+                   "(StyleGAN-V's i3d_torchscript.pt: the FVD of the papers that use it)")
     e.add_argument("--out", help="output stem (default: RUN/eval)")
 
     d = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (no download)")

