@@ -2115,6 +2115,12 @@ def reconstruct(ae, frames, device, chunk=256):
     return torch.cat(out).view(frames.shape)
 
 
+def true_readout(model, clips, context=1):
+    """Clips (B, T, C, H, W) as the model would show them had it predicted the latents after
+    the first `context` frames exactly: their true latents through model.readout."""
+    return model.readout(clips[:, :context], model.encode_frames(clips))
+
+
 def psnr_of_reconstruction(ae, frames, device):
     """Mean PSNR (dB) of quantized reconstructions of frames (B, C, H, W) in [-1, 1]."""
     return float(psnr(reconstruct(ae.eval(), frames, device), frames).mean())
@@ -2227,8 +2233,10 @@ def train_flow(model, cfg, data, run, device, ckpt=None, cache_mb=4096, **loop):
 
 
 def train_refiner(model, cfg, data, run, device, ckpt=None, cache_mb=4096, i3d=None, **loop):
-    """Stage 3: the refiner on the frozen autoencoder's frames: refiner(true frame t-1,
-    reconstruction of frame t) -> frame t, by a pixel loss (cfg.refine_loss), plus 0.1 x the
+    """Stage 3: the refiner on the frozen autoencoder's frames: refiner(true frame t-1, frame t
+    as the model shows it had it predicted frame t's latent exactly (true_readout: the
+    reconstruction, or with a change readout the first frame plus the decoded change)) ->
+    frame t, by a pixel loss (cfg.refine_loss), plus 0.1 x the
     distance of I3D features of the refined clip and the true one with an I3D (TorchScript).
     ckpt: the refine.pt to resume from; loop: accum and ckpt_every for train_stage."""
     rank, world = dist_info()
@@ -2238,9 +2246,9 @@ def train_refiner(model, cfg, data, run, device, ckpt=None, cache_mb=4096, i3d=N
     shard = list(range(rank, len(clips), world))
     pixel = F.l1_loss if cfg.refine_loss == "l1" else F.mse_loss
 
-    def batch():  # (B, 2, T, C, H, W): true clips and their reconstructions
+    def batch():  # (B, 2, T, C, H, W): true clips and their true latents read out
         x = clips.batch(max(1, cfg.refine_batch // (frames - 1)), shard).to(device)
-        return torch.stack([x, reconstruct(ae, x, device)], 1)
+        return torch.stack([x, true_readout(model, x)], 1)
 
     def loss_fn(refiner, x):
         real, recon = x.unbind(1)  # 2 x (B, T, C, H, W)
@@ -2253,7 +2261,7 @@ def train_refiner(model, cfg, data, run, device, ckpt=None, cache_mb=4096, i3d=N
         return loss, {}
 
     pairs = spread_frames(data, span=2, skip=cfg.frame_skip)  # (M, 2, C, H, W) held out
-    recon = reconstruct(ae, pairs[:, 1], device)
+    recon = torch.cat([true_readout(model, p.to(device))[:, 1].cpu() for p in pairs.split(64)])
 
     def evaluate(refiner):
         refiner.eval()
@@ -2421,8 +2429,7 @@ def true_latents_read_out(model, clips, context, batch=64):
     latent exactly: the true frames encoded, then model.readout (M, P, C, H, W), on the CPU."""
     device, out = next(model.parameters()).device, []
     for x in clips.split(batch):
-        x = x.to(device)
-        out.append(model.readout(x[:, :context], model.encode_frames(x))[:, context:].cpu())
+        out.append(true_readout(model, x.to(device), context)[:, context:].cpu())
     return torch.cat(out)
 
 

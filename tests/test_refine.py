@@ -182,3 +182,21 @@ def test_the_perceptual_loss_calls_the_i3d_on_whole_clips(data, tmp_path):
     shapes = {shape for shape, _ in calls}
     assert shapes == {(1, 3, cfg.clip_frames, 224, 224)}  # refine_batch 5 // (T - 1) = 1 clip
     assert {grad for _, grad in calls} == {True, False}  # the refined clip carries gradients
+
+
+def test_the_refiner_learns_on_frames_as_the_model_reads_them_out(data, tmp_path, monkeypatch):
+    """With a change readout a prediction is the last real frame plus the decoded change, not a
+    reconstruction: the refiner trains and is scored on exactly that."""
+    model = river.River(river.replace(SMALL, change_scale=0.15)).eval()
+    clips = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    out = river.true_readout(model, clips)
+    decoded = model.ae.decode(model.encode_frames(clips).flatten(0, 1)).view_as(clips)
+    torch.testing.assert_close(out[:, 0], decoded[:, 0])
+    torch.testing.assert_close(out[:, 1:], (clips[:, :1] + decoded[:, 1:] - decoded[:, :1]).clamp(-1, 1))
+    seen = []
+    readout = river.true_readout
+    monkeypatch.setattr(river, "true_readout", lambda *a, **k: seen.append(1) or readout(*a, **k))
+    cfg = river.replace(SMALL, change_scale=0.15, ae_steps=1, flow_steps=1, refine_steps=1,
+                        ae_batch=2, flow_batch=2, refine_batch=2)
+    river.train(data, str(tmp_path / "run"), cfg)
+    assert len(seen) >= 2  # the held-out pairs, and every training batch
