@@ -108,6 +108,8 @@ class Config:
     warm_start: float = 0.0
     solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
+    snap_to_codes: bool = True    # decode predicted latents snapped to their nearest codes (the
+                                  # paper); False (river's addition): decode them as they are
     # refinement (stage 3, optional): the refiner (RCAN) sharpens decoded frames
     refine_steps: int = 0          # 0: no refiner
     refine_groups: int = 3         # residual groups (official: 3)
@@ -452,9 +454,11 @@ class Autoencoder(nn.Module):
         return (self.pre_quant(x) - self.mean) / self.std
 
     @torch.no_grad()
-    def decode(self, z):
-        """Standardised latents (B, D, h, w) -> frames (B, C, H, W) in [-1, 1]."""
-        return self.post_quant(self.quantize.lookup(z * self.std + self.mean)).clamp(-1, 1)
+    def decode(self, z, snap=True):
+        """Standardised latents (B, D, h, w) -> frames (B, C, H, W) in [-1, 1], each latent
+        snapped to its nearest code first (snap, the paper), or decoded as it is."""
+        z = z * self.std + self.mean
+        return self.post_quant(self.quantize.lookup(z) if snap else z).clamp(-1, 1)
 
     @torch.no_grad()
     def fit_latent_stats(self, frames):
@@ -516,7 +520,7 @@ class UNet(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], E), nn.SiLU(), nn.Linear(E, E))
         self.dist_mlp = nn.Sequential(nn.Linear(1, E), nn.SiLU(), nn.Linear(E, E))
-        cond = cfg.dense_frames - 1 if cfg.conditioning == "dense" else 1  # conditioning latents
+        cond = {"dense": cfg.dense_frames - 1, "random+previous": 2}.get(cfg.conditioning, 1)
         self.stem = nn.Conv2d((2 + cond) * D, ch[0], 3, padding=1)  # [x_t, z_ref, z_cond]
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips, c = [ch[0]], ch[0]
@@ -574,13 +578,15 @@ def training_indices(B, T, mode="random", device="cpu"):
     reference tau-1 and the conditioning frame c with its distance d = (tau-1) - c, by the
     conditioning mode (Config.conditioning):
       random  c ~ U{0, ..., tau-2}, one random older frame (the paper); so d <= T-2
+      random+previous  the same c, and always the frame before the reference too (river's
+              addition: the last two frames give the velocity, the random one the memory)
       last    c = tau-1, the reference again: no older frame (an ablation)
       fixed   c = tau-2, always the frame just before the reference (an ablation)
       dense   the dense_frames - 1 frames before the reference at once (an ablation; see
               conditioning_latents), d = 1."""
     tau = torch.randint(2, T, (B,), device=device)
     ref = tau - 1
-    if mode == "random":
+    if mode.startswith("random"):
         c = (torch.rand(B, device=device) * ref).long().minimum(ref - 1)  # rand * n can round to n
     else:
         c = ref if mode == "last" else ref - 1
@@ -589,10 +595,13 @@ def training_indices(B, T, mode="random", device="cpu"):
 
 def conditioning_latents(latents, ref, c, cfg):
     """What conditions the field besides the reference, from latents (B, T, D, h, w): frame c,
-    (B, D, h, w); for the dense ablation the dense_frames - 1 frames before ref, newest first,
-    on channels, (B, (dense_frames - 1) D, h, w) (a clip that starts too late repeats its
-    first frame). Training and sampling both call it."""
+    (B, D, h, w); for random+previous the frame before ref and frame c, (B, 2D, h, w); for the
+    dense ablation the dense_frames - 1 frames before ref, newest first, on channels,
+    (B, (dense_frames - 1) D, h, w) (a clip that starts too late repeats its first frame).
+    Training and sampling both call it."""
     rows = torch.arange(len(latents), device=latents.device)
+    if cfg.conditioning == "random+previous":
+        return torch.cat([latents[rows, (ref - 1).clamp(min=0)], latents[rows, c]], 1)
     if cfg.conditioning != "dense":
         return latents[rows, c]
     return torch.cat([latents[rows, (ref - k).clamp(min=0)] for k in range(1, cfg.dense_frames)], 1)
@@ -703,7 +712,7 @@ def past_frame(L, B, mode="random", past_horizon=-1):
     (all of the past when H < 1); a history of one latent is its own past. Returns (c, d) on
     the CPU, d = max((L-1) - c, 1)."""
     ref = L - 1
-    if mode == "random":
+    if mode.startswith("random"):
         low = max(0, ref - past_horizon) if past_horizon > 0 else 0
         c = torch.randint(low, max(ref, low + 1), (B,))
     else:
@@ -786,11 +795,12 @@ class River(nn.Module):
 
     def readout(self, context, z):
         """Frames (B, T, C, H, W) of latents z (B, T, D, h, w) whose first n follow the context
-        (B, n, C, H, W): decoded, as the paper does; with a change_scale (river's addition) the
+        (B, n, C, H, W): decoded, as the paper does (without snapping to codes if the config
+        says so, river's addition); with a change_scale (river's addition) the
         frames after the context are the last context frame plus the decoded change since it,
         so the codes' error cancels wherever the latent did not change."""
         n = context.shape[1]
-        frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"))
+        frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"), self.cfg.snap_to_codes)
         frames = rearrange(frames, "(b t) c h w -> b t c h w", b=len(z))
         if self.cfg.change_scale:  # x_hat_t = x_{n-1} + D(z_t) - D(z_{n-1})
             frames[:, n:] = (context[:, -1:] + frames[:, n:] - frames[:, n - 1:n]).clamp(-1, 1)
@@ -812,7 +822,8 @@ class RiverError(Exception):
     """A problem with the user's input; main() prints it as one line, without a traceback."""
 
 
-CONDITIONING = ("random", "last", "fixed", "dense")  # Config.conditioning: training_indices
+# Config.conditioning: training_indices
+CONDITIONING = ("random", "last", "fixed", "dense", "random+previous")
 
 
 def check_config(cfg):
@@ -835,6 +846,9 @@ def check_config(cfg):
                          f"{cfg.refine_steps} and {cfg.refine_loss!r}")
     if cfg.dense_frames < 2:
         raise RiverError(f"dense_frames must be at least 2, got {cfg.dense_frames}")
+    if cfg.field == "uvit" and cfg.conditioning in ("dense", "random+previous"):
+        raise RiverError(f"the U-ViT takes one conditioning latent, not {cfg.conditioning!r}: "
+                         "pass --conditioning random (or last, fixed), or the U-Net")
     if cfg.image_size % 2 ** (len(cfg.ae_channels) - 1 + len(cfg.unet_channels) - 1):
         raise RiverError(f"image_size {cfg.image_size} must be divisible by the total downsampling")
 
@@ -3037,7 +3051,8 @@ def add_train_options(t):
     t.add_argument("--clip-frames", type=int, help="frames per training clip (preset's default)")
     t.add_argument("--frame-skip", type=positive, help="stride between kept frames (preset's)")
     t.add_argument("--conditioning", choices=CONDITIONING,
-                   help="past frame used as condition: random (paper); last, fixed, dense: "
+                   help="past frame used as condition: random (paper); random+previous (river's "
+                        "addition: the previous frame too); last, fixed, dense: "
                         "ablations")
     t.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoints; step counts, batch size, learning "

@@ -288,6 +288,45 @@ def test_dense_conditioning_sees_the_last_k_frames_at_once():
     assert seen == [([4, 3, 2], [1, 1])] * 3
 
 
+def test_random_plus_previous_sees_the_previous_frame_and_a_random_older_one():
+    cfg = river.replace(SMALL, conditioning="random+previous")
+    latents = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(2, 6, cfg.latent_dim, 8, 8)
+    cond = river.conditioning_latents(latents, torch.tensor([4, 1]), torch.tensor([0, 0]), cfg)
+    assert cond.shape == (2, 2 * cfg.latent_dim, 8, 8)
+    assert cond[:, ::cfg.latent_dim, 0, 0].tolist() == [[3, 0], [0, 0]]  # previous, then c
+    model = river.River(cfg).eval()
+    assert model.field.stem.in_channels == 4 * cfg.latent_dim  # x, reference, previous, c
+    torch.manual_seed(0)
+    tau, ref, c, d = river.training_indices(4000, 16, "random+previous")
+    assert set(c.tolist()) == set(range(14)) and bool((d == ref - c).all())  # c as random's
+    seen = []
+
+    def spy(x, t, ref, cond, d):
+        seen.append((cond[0, ::cfg.latent_dim, 0, 0].tolist(), d.tolist()))
+        return torch.zeros_like(x)
+
+    model.field.forward = spy
+    torch.manual_seed(1)
+    model.next_latent(latents, steps=20)
+    assert {prev for (prev, c), _ in seen} == {4} and len({c for (_, c), _ in seen}) > 2
+    assert all(d[0] == 5 - c for (_, c), d in seen)  # d is the random frame's distance
+    with pytest.raises(river.RiverError, match="U-ViT takes one conditioning latent"):
+        river.check_config(river.replace(cfg, field="uvit"))
+
+
+def test_predicted_latents_decode_snapped_to_codes_or_as_they_are():
+    model = river.River(SMALL).eval()
+    z = torch.randn(2, SMALL.latent_dim, 8, 8)
+    raw = model.ae.post_quant(z * model.ae.std + model.ae.mean).clamp(-1, 1)
+    torch.testing.assert_close(model.ae.decode(z, snap=False), raw)
+    assert not torch.allclose(model.ae.decode(z), raw)
+    context, history = torch.zeros(2, 1, 3, 32, 32), z[:, None]
+    for snap in (True, False):
+        model.cfg = river.replace(SMALL, snap_to_codes=snap)
+        torch.testing.assert_close(model.readout(context, history)[:, 0],
+                                   model.ae.decode(z, snap=snap))
+
+
 def test_a_single_context_frame_sits_twice_in_the_official_history():
     """The official sampler starts from one context frame twice, [z0, z0]: the second
     predicted frame can then draw the duplicate at d = 2, which [z0, z1] never offers, and
