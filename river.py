@@ -71,8 +71,8 @@ class Config:
     latent_dim: int = 4          # D
     codebook_size: int = 512     # K
     commitment: float = 0.25     # beta of the commitment loss
-    latent_stats: bool = True    # standardise latents (river's autoencoders); False: unscaled,
-                                 # as the official code uses its VQGANs
+    latent_stats: bool = True    # standardise latents (river's addition, for its autoencoders);
+                                 # False: unscaled, as the official code uses its VQGANs
     ae_steps: int = 500
     ae_batch: int = 64
     ae_lr: float = 2e-3
@@ -88,16 +88,19 @@ class Config:
     # flow matching
     sigma_min: float = 1e-7       # the official configs': x_1 is z up to a 1e-7-wide Gaussian,
                                   # so the path ends at the data (0 would make that exact)
-    change_scale: float = 0.0     # > 0: generate the change from the reference latent divided
-                                  # by this, not the latent (see flow_loss), and read frames out
-                                  # as the last real frame plus the decoded change; 0: the paper's
-    conditioning: str = "random"  # which past frames condition the field: training_indices
+    change_scale: float = 0.0     # river's addition (paper: 0): > 0 generates the change from the
+                                  # reference latent over this (flow_loss), read out as the last
+                                  # real frame plus the decoded change (River.readout)
+    conditioning: str = "random"  # which past frames condition the field (training_indices):
+                                  # random, the paper's; random+previous, river's addition
     dense_frames: int = 4         # dense: the frames the field sees at once, the reference included
     flow_steps: int = 4400
     flow_batch: int = 64
     flow_lr: float = 2e-3
-    augment: bool = False         # flow: train on the videos' mirror images and on every video
-                                  # played backwards too (4x the motion of a few videos)
+    augment: bool = False         # river's addition (paper: off): the flow stage also sees the
+                                  # videos mirrored (an official loader option, off in all four
+                                  # official configs) and played backwards (river's own: it
+                                  # assumes motion looks the same backwards)
     ema_decay: float = 0.999
     # optimisation, both stages
     warmup: int = 200
@@ -118,73 +121,6 @@ class Config:
     refine_batch: int = 32         # frame pairs per step
     refine_lr: float = 1e-3
     refine_loss: str = "mse"       # mse | l1, on pixels (+ 0.1 x an I3D loss with --refine-i3d)
-
-
-# ---------------------------------------------------------------------------------------
-# Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
-# ---------------------------------------------------------------------------------------
-
-def to_float(frames):
-    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
-    return x.movedim(-1, -3)
-
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Random clips of `frames` consecutive frames (every `skip`-th) from one split.
-
-    Item i is a random clip of video i, float (T, C, H, W) in [-1, 1]. A split smaller
-    than `cache_bytes` is read into RAM once; a larger one is streamed from the file.
-    `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
-    """
-
-    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30, notes=True):
-        self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
-        if isinstance(videos, (str, os.PathLike)):
-            self.store = data_prep.VideoStore(videos, split)
-            lengths = self.store.lengths
-            in_ram = self.store.nbytes <= cache_bytes
-        else:
-            self.store, lengths, in_ram = None, [len(v) for v in videos], True
-        self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
-        self.skipped = len(lengths) - len(self.keep)
-        if not self.keep:
-            raise data_prep.DataError(
-                f"no video in split {split!r} has the {self.span} frames a clip needs (longest "
-                f"has {max(lengths)}): pass a smaller --clip-frames or --frame-skip, or use "
-                "longer videos")
-        if self.skipped and notes:
-            print(f"note: {self.skipped} of {len(lengths)} videos in split {split!r} are shorter "
-                  f"than a clip ({self.span} frames) and are skipped", file=sys.stderr)
-        self.lengths = [lengths[i] for i in self.keep]
-        self.in_ram = in_ram
-        if self.store is None:
-            self.videos = [videos[i] for i in self.keep]
-        elif in_ram:
-            self.videos = [self.store.read(i, 0, lengths[i]) for i in
-                           tqdm(self.keep, desc=f"loading {split}", leave=False, disable=None)]
-
-    def __len__(self):
-        return len(self.keep)
-
-    def clip(self, i, start):
-        """Clip of video i (index into the kept videos) from frame `start`."""
-        stop = start + self.span
-        if self.in_ram:
-            x = self.videos[i][start:stop:self.skip]
-        else:
-            x = self.store.read(self.keep[i], start, stop, self.skip)
-        return to_float(x) if isinstance(x, np.ndarray) else x
-
-    def __getitem__(self, i):
-        start = int(torch.randint(self.lengths[i] - self.span + 1, ()))
-        return self.clip(i, start)
-
-    def batch(self, size, videos=None):
-        """`size` random clips stacked to (B, T, ...); videos restricts the choice (DDP shards)."""
-        pool = torch.as_tensor(videos if videos is not None else range(len(self)))
-        picks = pool[torch.randint(len(pool), (size,))]
-        return torch.stack([self[int(i)] for i in picks])
 
 
 # ---------------------------------------------------------------------------------------
@@ -794,11 +730,10 @@ class River(nn.Module):
         return rearrange(z, "(b t) d h w -> b t d h w", b=len(frames))
 
     def readout(self, context, z):
-        """Frames (B, T, C, H, W) of latents z (B, T, D, h, w) whose first n follow the context
-        (B, n, C, H, W): decoded, as the paper does (without snapping to codes if the config
-        says so, river's addition); with a change_scale (river's addition) the
-        frames after the context are the last context frame plus the decoded change since it,
-        so the codes' error cancels wherever the latent did not change."""
+        """Frames (B, T, C, H, W) of latents z (B, T, D, h, w), the first n of the context
+        (B, n, C, H, W): decoded (snapped to codes, the paper, or not: snap_to_codes); with a
+        change_scale (river's addition) each frame after the context is the last context
+        frame plus the decoded change since it: the codes' error cancels where nothing moved."""
         n = context.shape[1]
         frames = self.ae.decode(rearrange(z, "b t d h w -> (b t) d h w"), self.cfg.snap_to_codes)
         frames = rearrange(frames, "(b t) c h w -> b t c h w", b=len(z))
@@ -2071,6 +2006,73 @@ def i3d_features(i3d, videos, chunk=None, progress=True):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 would miss 1e-3
         return torch.cat([i3d_call(i3d, v).cpu() for v in tqdm(
             parts, desc="I3D", unit="chunk", leave=False, disable=None if progress else True)])
+
+
+# ---------------------------------------------------------------------------------------
+# Data: random clips from the RIVER HDF5 layout (data_prep.py owns the format)
+# ---------------------------------------------------------------------------------------
+
+def to_float(frames):
+    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames).float().div_(127.5).sub_(1)
+    return x.movedim(-1, -3)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Random clips of `frames` consecutive frames (every `skip`-th) from one split.
+
+    Item i is a random clip of video i, float (T, C, H, W) in [-1, 1]. A split smaller
+    than `cache_bytes` is read into RAM once; a larger one is streamed from the file.
+    `videos` may also be a list of arrays/tensors (T_i, ...) held in memory.
+    """
+
+    def __init__(self, videos, frames, skip=1, split="train", cache_bytes=4 << 30, notes=True):
+        self.frames, self.skip, self.span = frames, skip, (frames - 1) * skip + 1
+        if isinstance(videos, (str, os.PathLike)):
+            self.store = data_prep.VideoStore(videos, split)
+            lengths = self.store.lengths
+            in_ram = self.store.nbytes <= cache_bytes
+        else:
+            self.store, lengths, in_ram = None, [len(v) for v in videos], True
+        self.keep = [i for i, n in enumerate(lengths) if n >= self.span]
+        self.skipped = len(lengths) - len(self.keep)
+        if not self.keep:
+            raise data_prep.DataError(
+                f"no video in split {split!r} has the {self.span} frames a clip needs (longest "
+                f"has {max(lengths)}): pass a smaller --clip-frames or --frame-skip, or use "
+                "longer videos")
+        if self.skipped and notes:
+            print(f"note: {self.skipped} of {len(lengths)} videos in split {split!r} are shorter "
+                  f"than a clip ({self.span} frames) and are skipped", file=sys.stderr)
+        self.lengths = [lengths[i] for i in self.keep]
+        self.in_ram = in_ram
+        if self.store is None:
+            self.videos = [videos[i] for i in self.keep]
+        elif in_ram:
+            self.videos = [self.store.read(i, 0, lengths[i]) for i in
+                           tqdm(self.keep, desc=f"loading {split}", leave=False, disable=None)]
+
+    def __len__(self):
+        return len(self.keep)
+
+    def clip(self, i, start):
+        """Clip of video i (index into the kept videos) from frame `start`."""
+        stop = start + self.span
+        if self.in_ram:
+            x = self.videos[i][start:stop:self.skip]
+        else:
+            x = self.store.read(self.keep[i], start, stop, self.skip)
+        return to_float(x) if isinstance(x, np.ndarray) else x
+
+    def __getitem__(self, i):
+        start = int(torch.randint(self.lengths[i] - self.span + 1, ()))
+        return self.clip(i, start)
+
+    def batch(self, size, videos=None):
+        """`size` random clips stacked to (B, T, ...); videos restricts the choice (DDP shards)."""
+        pool = torch.as_tensor(videos if videos is not None else range(len(self)))
+        picks = pool[torch.randint(len(pool), (size,))]
+        return torch.stack([self[int(i)] for i in picks])
 
 
 # ---------------------------------------------------------------------------------------
