@@ -1460,9 +1460,7 @@ def refiner_from_file(path, ckpt):
     official refinement/ checkpoint ("refiner": state dict with DDP's module. keys; sizes from
     its "args" where present, else from the tensors' shapes)."""
     if ckpt.get("stage") == "refine":
-        cfg = config_from_dict(ckpt["config"])
-        refiner = Refiner(cfg.channels, cfg.refine_groups, cfg.refine_blocks, cfg.refine_width,
-                          skip=True)
+        refiner = new_refiner(config_from_dict(ckpt["config"]))
         refiner.load_state_dict(ckpt["ema"] or ckpt["model"])
         return refiner
     state = ckpt.get("refiner")
