@@ -817,18 +817,21 @@ GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_00
                     flow_batch=16, flow_lr=1e-4, warmup=5000, ema_decay=0.9999)
 
 
+REAL = dict(change_scale=0.15, conditioning="random+previous", augment=True, snap_to_codes=False,
+            sample_steps=3)  # the real presets' choices of river's additions
+
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
     "tiny": Config(sample_steps=3),  # sharp balls and +2.7 dB on the demo (README: the demo)
-    # Real footage on 2 CPU cores (README: your own videos): 16x16x4 latents and 4096 codes
-    # hold real texture where tiny's 8x8x4 and 512 codes fall below copying the last frame;
-    # the field generates changes (what stays still is exactly kept), learns from mirrored and
-    # reversed videos too; 3 Euler steps a frame.
+    # Real footage on 2 CPU cores (RESULTS.md: real footage, each choice made on val): 16x16x4
+    # latents and 4096 codes hold real texture where tiny's 8x8x4 and 512 codes fall below
+    # copying the last frame; river's additions that paid on val: the field generates changes
+    # (what stays still is exactly kept), sees the previous frame besides the random one,
+    # learns from mirrored and reversed videos too; latents decode unsnapped; 3 Euler steps.
     "real32": Config(ae_channels=(32, 64), codebook_size=4096, ae_steps=500, flow_steps=5000,
-                     flow_batch=32, change_scale=0.15, augment=True, sample_steps=3),
+                     flow_batch=32, **REAL),
     "real64": Config(image_size=64, ae_channels=(16, 32, 64), codebook_size=4096, ae_steps=500,
-                     flow_steps=5000, flow_batch=32, change_scale=0.15, augment=True,
-                     sample_steps=3),
+                     flow_steps=5000, flow_batch=32, **REAL),
     # The official settings (shared/PAPER.md) and autoencoders, with river's U-Net (attention
     # at its 4x4 level); field="uvit" selects the official U-ViT.
     "bair64": Config(image_size=64, clip_frames=16, context=1, **ae_config("f8_small"),

@@ -141,7 +141,8 @@ def test_the_real_presets_train_a_few_steps_and_predict(preset, tmp_path):
                     str(cfg.image_size)])
     small = river.replace(cfg, ae_steps=2, flow_steps=2, ae_batch=2, flow_batch=2)
     model = river.train(data, str(tmp_path / "run"), small)
-    assert model.cfg.change_scale and model.cfg.augment
+    assert model.cfg.change_scale and model.cfg.augment and not model.cfg.snap_to_codes
+    assert model.cfg.conditioning == "random+previous"
     assert model.ae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[-1] == 16
     frames = model.eval().generate_frames(torch.zeros(1, 2, 3, cfg.image_size, cfg.image_size), 2)
     assert frames.shape == (1, 4, 3, cfg.image_size, cfg.image_size)
