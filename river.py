@@ -110,6 +110,8 @@ class Config:
     sample_steps: int = 10        # solver steps over [0, 1]; a warm start at s uses ~(1-s) of them
     warm_start: float = 0.0
     solver: str = "euler"         # euler | midpoint | rk4 (the official sampler's)
+    temperature: float = 1.0      # the starting noise's scale: < 1 (river's addition; paper: 1)
+                                  # samples closer to the most likely next frame
     official_history: bool = False  # one context frame sits twice in the history (official quirk)
     snap_to_codes: bool = True    # decode predicted latents snapped to their nearest codes (the
                                   # paper); False (river's addition): decode them as they are
@@ -698,7 +700,8 @@ class River(nn.Module):
             # float32: under bf16 autocast the field's output is bf16, the state x is not
             return self.field(x, t, ref, cond, d).float()
 
-        eps = torch.randn(ref.shape).to(ref.device)  # drawn on the CPU: see OFFICIAL_PARITY
+        # eps ~ N(0, temperature^2 I), drawn on the CPU: see OFFICIAL_PARITY
+        eps = torch.randn(ref.shape).to(ref.device) * self.cfg.temperature
         scale = self.cfg.change_scale
         start = torch.zeros_like(ref) if scale else ref  # the previous frame: no change
         x = warm_start_state(start, warm_start, self.cfg.sigma_min, eps)  # s = 0: x = eps
@@ -767,6 +770,8 @@ def check_config(cfg):
     for key in ("ae_steps", "flow_steps", "ae_batch", "flow_batch", "sample_steps"):
         if getattr(cfg, key) < 1:
             raise RiverError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.temperature < 0:
+        raise RiverError(f"temperature must be at least 0, got {cfg.temperature}")
     if cfg.frame_skip < 1:
         raise RiverError(f"frame_skip must be at least 1, got {cfg.frame_skip}")
     if cfg.clip_frames < 3:
@@ -818,7 +823,7 @@ GPU_TRAINING = dict(ae_steps=100_000, ae_batch=32, ae_lr=2e-4, flow_steps=300_00
 
 
 REAL = dict(change_scale=0.15, conditioning="random+previous", augment=True, snap_to_codes=False,
-            sample_steps=3)  # the real presets' choices of river's additions
+            sample_steps=3, temperature=0.7)  # the real presets' choices of river's additions
 
 PRESETS = {
     # Both stages train in minutes on 2 CPU cores: 32x32 frames, 8x8x4 latents.
@@ -962,7 +967,7 @@ def sweep_temporary_files(run, stage, rank=0):
 SCHEDULE_FIELDS = {"ae_steps", "ae_batch", "ae_lr", "flow_steps", "flow_batch", "flow_lr",
                    "ema_decay", "warmup", "weight_decay", "grad_clip", "context", "sample_steps",
                    "warm_start", "refine_steps", "refine_batch", "refine_lr", "refine_loss",
-                   "augment"}
+                   "augment", "temperature", "snap_to_codes"}
 
 
 def torch_load(path, trust=False):
@@ -2773,6 +2778,8 @@ def load_model(args, device):
     elif args.refine and model.refiner is None:
         raise RiverError(f"--refine: {args.ckpt or args.run} has no refiner (refine.pt): train "
                          "one (train --stage refine --refine-steps N) or pass --refiner FILE")
+    if args.temperature is not None:
+        model.cfg = replace(model.cfg, temperature=args.temperature)
     return model
 
 
@@ -3078,6 +3085,8 @@ def add_sampling_options(q):
     q.add_argument("--steps", type=positive, help="solver steps over [0, 1] (default: the "
                    "preset's); a warm start at s takes about (1 - s) of them")
     q.add_argument("--warm-start", type=start_time, help="start time s in [0, 1)")
+    q.add_argument("--temperature", type=float, help="scale of the starting noise: below 1 "
+                   "samples closer to the likeliest frame (default: the preset's; paper: 1)")
     q.add_argument("--past-horizon", type=positive, help="random conditioning: draw the past "
                    "frame from the last H frames only (default: the whole past, as the paper)")
     q.add_argument("--solver", choices=tuple(SOLVERS),

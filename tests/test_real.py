@@ -172,3 +172,21 @@ def test_a_clip_to_predict_from_can_be_cut_to_its_central_square(tmp_path, av):
                           data_prep.read_clip(tmp_path / "center.npy", 16))
     with pytest.raises(data_prep.DataError, match="squeeze or center"):
         data_prep.read_clip(tmp_path / "clip.npy", 16, crop="tiles")
+
+
+def test_temperature_scales_the_starting_noise_and_one_is_the_paper(monkeypatch):
+    model = river.River(SMALL).eval()
+    history = torch.randn(2, 3, SMALL.latent_dim, 8, 8)
+    starts = []
+    monkeypatch.setattr(river, "integrate", lambda field, x, *a: starts.append(x) or x)
+    for temperature in (1.0, 0.5, 0.0):
+        model.cfg = river.replace(SMALL, temperature=temperature)
+        torch.manual_seed(3)
+        model.next_latent(history, 2)
+    torch.manual_seed(3)
+    eps = torch.randn(history[:, -1].shape)
+    assert torch.equal(starts[0], eps)  # temperature 1: the paper's noise, bit for bit
+    torch.testing.assert_close(starts[1], 0.5 * eps)
+    assert not starts[2].any()
+    with pytest.raises(river.RiverError, match="temperature must be at least 0"):
+        river.River(river.replace(SMALL, temperature=-1))
