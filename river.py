@@ -2667,28 +2667,26 @@ def bordered(frames, color, scale):
     return frames
 
 
-def tracks(context, truth, pred, scale):
-    """Per video a ground-truth track and a predicted track, both opening with the context.
+def tracks(context, rows, scale):
+    """Per video one track per row, each opening with the context.
 
-    context (B, n, C, H, W), truth and pred (B, P, C, H, W) in [-1, 1] ->
-    uint8 (B, 2, n+P, h, w, 3). Borders: green context, grey ground truth, red prediction.
-    With truth None (a clip with no future frames to compare) only the predicted track.
+    context (B, n, C, H, W) and rows {label: (B, P, C, H, W) in [-1, 1]} ->
+    uint8 (B, len(rows), n+P, h, w, 3). Borders: green context, grey ground truth, blue
+    copy-last, red predictions.
     """
     def rgb(x):
         x = to_uint8(x)
         return np.repeat(x, 3, -1) if x.shape[-1] == 1 else x
 
+    colors = {"truth": (128, 128, 128), "copy last": (0, 90, 220)}
     ctx = bordered(rgb(context), (0, 200, 0), scale)
-    fake = np.concatenate([ctx, bordered(rgb(pred), (220, 0, 0), scale)], 1)
-    if truth is None:
-        return fake[:, None]  # (B, 1, n+P, h, w, 3)
-    real = np.concatenate([ctx, bordered(rgb(truth), (128, 128, 128), scale)], 1)
-    return np.stack([real, fake], 1)
+    return np.stack([np.concatenate([ctx, bordered(rgb(x), colors.get(label, (220, 0, 0)), scale)],
+                                    1) for label, x in rows.items()], 1)
 
 
-def side_by_side(context, truth, pred, scale=4):
-    """GIF frames: one row per video, [ground truth | prediction]: uint8 (T, B*h, 2w, 3)."""
-    t = tracks(context, truth, pred, scale)
+def side_by_side(context, rows, scale=4):
+    """GIF frames: one row per video, its tracks side by side: uint8 (T, B*h, k*w, 3)."""
+    t = tracks(context, rows, scale)
     return rearrange(t, "b k t h w c -> t (b h) (k w) c")
 
 
@@ -2699,35 +2697,41 @@ def save_gif(frames, path, fps=4):
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def save_grid(context, truth, pred, path, scale=2):
-    """PNG: per video a ground-truth row and a prediction row; columns are time steps."""
+def save_grid(context, rows, path, scale=2):
+    """PNG: per video a row per track (truth, copy last, predictions); columns are time."""
     plt = pyplot()
-    t = tracks(context, truth, pred, scale)
+    t = tracks(context, rows, scale)
     B, k, T, h, w = t.shape[:5]
     grid = rearrange(t, "b k t h w c -> (b k h) (t w) c")
     fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] / 50), max(2, grid.shape[0] / 50)))
     ax.imshow(grid, interpolation="nearest")
     ax.set_xticks([(i + 0.5) * w for i in range(T)], [str(i + 1) for i in range(T)], fontsize=6)
-    ax.set_yticks([(r + 0.5) * h for r in range(k * B)], ["truth", "predicted"][-k:] * B,
-                  fontsize=7)
+    ax.set_yticks([(r + 0.5) * h for r in range(k * B)], list(rows) * B, fontsize=7)
     ax.set_xlabel(f"frame (1-{context.shape[1]}: context, green border)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_predictions(model, context, truth, frames, stem, refiner=None, **sample_args):
-    """Predict `frames` frames after context (B, n, C, H, W), refined by `refiner` if given;
-    write stem.gif and stem.png with context, ground truth (B, frames, C, H, W, or None) and
-    prediction side by side."""
+def write_predictions(model, context, truth, frames, stem, refiner=None, samples=1,
+                      copy_last=False, **sample_args):
+    """Predict `frames` frames after context (B, n, C, H, W), `samples` single samples a clip,
+    refined by `refiner` if given; write stem.gif and stem.png with the context, the ground
+    truth (B, frames, C, H, W, or None), copying the last frame if asked, and each sample
+    side by side. Returns the samples (B, samples, frames, C, H, W)."""
     device = next(model.parameters()).device
-    context = context.to(device)
+    context = context.to(device).repeat_interleave(samples, 0)  # each clip `samples` times
     pred = model.generate_frames(context, frames, **sample_args)[:, context.shape[1]:]
     if refiner is not None:
         pred = refine_frames(refiner, context[:, -1], pred)
-    context, pred = context.cpu(), pred.cpu()
-    save_gif(side_by_side(context, truth, pred), stem + ".gif")
-    save_grid(context, truth, pred, stem + ".png")
+    context = context[::samples].cpu()
+    pred = rearrange(pred.cpu(), "(b k) t c h w -> b k t c h w", k=samples)
+    rows = {} if truth is None else {"truth": truth}
+    if copy_last:
+        rows["copy last"] = context[:, -1:].expand(-1, frames, -1, -1, -1)
+    rows |= {f"sample {k + 1}" if samples > 1 else "predicted": pred[:, k] for k in range(samples)}
+    save_gif(side_by_side(context, rows), stem + ".gif")
+    save_grid(context, rows, stem + ".png")
     return pred
 
 
@@ -2911,7 +2915,8 @@ def cmd_sample(args):
         write_predictions(model, clips[:, :context], truth, frames, stem, steps=args.steps,
                           warm_start=args.warm_start, solver=args.solver, verbose=True,
                           refiner=model.refiner if args.refine or args.refiner else None,
-                          past_horizon=args.past_horizon or -1)
+                          past_horizon=args.past_horizon or -1, samples=args.samples,
+                          copy_last=args.copy_last)
     print(f"wrote {stem}.gif and {stem}.png")
 
 
@@ -3132,6 +3137,10 @@ def build_parser():
                    help="--input: the whole frame squeezed to a square, or its central square "
                    "(for a model trained on `videos --crop center` or `tiles`) (default: squeeze)")
     s.add_argument("--num", type=positive, default=4, help="videos to predict (default: 4)")
+    s.add_argument("--samples", type=positive, default=1, help="single samples a video, side by "
+                   "side (default: 1)")
+    s.add_argument("--copy-last", action="store_true", help="show copying the last context "
+                   "frame too, the baseline eval compares with")
     s.add_argument("--out", default="pred.gif", help="the GIF to write; a PNG grid is written "
                    "beside it (default: pred.gif)")
 

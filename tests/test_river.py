@@ -500,6 +500,31 @@ def test_sample_and_eval_end_to_end(data, trained_run, tmp_path, capsys):
     assert "true latents, read out" in printed and "2 single sample(s) per clip" in printed
 
 
+def test_sample_shows_several_samples_beside_the_truth_and_copy_last(data, trained_run,
+                                                                     tmp_path):
+    model = river.load_river(str(trained_run), "cpu")
+    clips = river.eval_clips(data, "test", 2, 3, 1, 2)
+    torch.manual_seed(0)
+    pred = river.write_predictions(model, clips[:, :2], clips[:, 2:], 3, str(tmp_path / "p"),
+                                   samples=3, copy_last=True, steps=1)
+    assert pred.shape == (2, 3, *clips[:, 2:].shape[1:])
+    assert not torch.equal(pred[:, 0], pred[:, 1])  # samples, each its own draw
+    from PIL import Image
+    gif = Image.open(tmp_path / "p.gif")
+    h, w = clips.shape[-2:]
+    # truth, copy last and 3 samples: 5 tracks of 4x frames with a 1-pixel border, 2 videos
+    assert gif.n_frames == 5 and gif.size == (5 * (4 * w + 2), 2 * (4 * h + 2))
+    assert (tmp_path / "p.png").exists()
+    rows = {"truth": clips[:, 2:], "copy last": clips[:, 1:2].expand(-1, 3, -1, -1, -1)}
+    t = river.tracks(clips[:, :2], rows, 1)  # (B, rows, n + P, h + 2, w + 2, 3)
+    assert tuple(t[0, 0, 4, 0, 0]) == (128, 128, 128) and tuple(t[0, 1, 4, 0, 0]) == (0, 90, 220)
+    assert (t[:, 1, 2:, 1:-1, 1:-1] == t[:, 1, 1:2, 1:-1, 1:-1]).all()  # the last frame held
+    river.main(["sample", "--run", str(trained_run), "--data", data, "--frames", "3", "--num",
+                "1", "--steps", "1", "--samples", "2", "--copy-last", "--out",
+                str(tmp_path / "q.gif")])
+    assert Image.open(tmp_path / "q.gif").size[0] == 4 * (4 * w + 2)
+
+
 def test_eval_reports_the_true_latents_read_out(data, trained_run):
     """Without a change readout that row is the quantized reconstruction of the very frames
     being predicted."""
