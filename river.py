@@ -2932,7 +2932,7 @@ def eval_i3d(args, device, settings):
     weights are missing or the clips too short, before anything is written) or with a protocol
     that reports FVD when they are installed and the clips long enough; else None."""
     scored = settings["frames"] + settings["context"] * settings["fvd_context"]
-    if (args.fvd or args.fvd_i3d) and scored < I3D_MIN_FRAMES:
+    if args.fvd and not args.fvd_i3d and scored < I3D_MIN_FRAMES:  # a user's I3D may differ
         raise RiverError(f"--fvd: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, these "
                          f"have {scored}: predict more frames (--frames) or drop --fvd")
     if args.fvd_i3d:

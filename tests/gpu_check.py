@@ -617,6 +617,9 @@ def main(argv=None):
     args.logs = os.path.abspath(args.logs or tempfile.mkdtemp(prefix="river_gpu_check_"))
     if args.part:  # a child: one part
         import torch
+        if args.dry_run and os.environ.get("GPU_CHECK_STALL") == args.part:
+            print("stalling, as GPU_CHECK_STALL asks (tests: a part that runs out of time)")
+            time.sleep(3600)
         PART_FUNCTIONS[args.part](args, torch.device("cpu" if args.dry_run else "cuda"))
         return 0
     import torch
