@@ -307,7 +307,8 @@ class VectorQuantizer(nn.Module):
     straight-through gradient.
 
     Dead codes (unused for `restart_every` training steps) restart at random encoder
-    outputs of the current batch, which keeps the whole codebook in use.
+    outputs of the current batch (restart_dead_codes, river's addition), keeping the whole
+    codebook in use.
     """
 
     def __init__(self, K, D, commitment, restart_every=100):
@@ -330,34 +331,14 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(q, flat.detach()) + self.commitment * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through: forward q, backward identity
         counts = torch.bincount(idx, minlength=len(codebook)).float()
-        if self.training:
-            self.restart_dead_codes(flat.detach().float(), counts)
+        if self.training:  # river's addition, with the training loop
+            restart_dead_codes(self, flat.detach().float(), counts)
         p = counts / counts.sum()
         # perplexity = exp(-sum_k p_k log p_k): K when every code is used equally, 1 for one code
         stats = {"perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),
                  "codes_used": (counts > 0).sum()}  # tensors: read only when a row is logged
         q = rearrange(q, "(b h w) d -> b d h w", b=B, h=h, w=w)
         return q, idx.view(B, h, w), loss, stats  # codes (N,) -> (B, h, w)
-
-    @torch.no_grad()
-    def restart_dead_codes(self, flat, counts):
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:  # every rank must agree on usage and on the new codes
-            dist.all_reduce(counts)
-        self.usage += counts
-        self.calls += 1
-        # the first call restarts every code the first batch left unused (all but a few of the
-        # random init): the codebook starts on the encoder's outputs, where it is needed
-        if (self.calls - 1) % self.restart_every:
-            return
-        dead = self.usage == 0
-        if dead.any():
-            pick = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
-            codebook = self.embedding.weight.data
-            codebook[dead] = flat[pick] + 0.01 * flat.std() * torch.randn_like(flat[pick])
-            if distributed:
-                dist.broadcast(codebook, 0)
-        self.usage.zero_()
 
     def lookup(self, z):
         """Snap latents (B, D, h, w) to their nearest codes (no gradient)."""
@@ -1503,6 +1484,30 @@ def load_refiner(path, device="cpu", trust=False):
 # ---------------------------------------------------------------------------------------
 # Training: one loop for both stages
 # ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def restart_dead_codes(vq, flat, counts):
+    """River's addition, for training small autoencoders from scratch in minutes: codes of
+    the VectorQuantizer `vq` unused for vq.restart_every training steps move onto random
+    encoder outputs flat (N, D) of this batch; counts (K,) are this batch's hits per code."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # every rank must agree on usage and on the new codes
+        dist.all_reduce(counts)
+    vq.usage += counts
+    vq.calls += 1
+    # the first call restarts every code the first batch left unused (all but a few of the
+    # random init): the codebook starts on the encoder's outputs, where it is needed
+    if (vq.calls - 1) % vq.restart_every:
+        return
+    dead = vq.usage == 0
+    if dead.any():
+        pick = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
+        codebook = vq.embedding.weight.data
+        codebook[dead] = flat[pick] + 0.01 * flat.std() * torch.randn_like(flat[pick])
+        if distributed:
+            dist.broadcast(codebook, 0)
+    vq.usage.zero_()
+
 
 @contextlib.contextmanager
 def stop_signals():
