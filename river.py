@@ -2639,12 +2639,14 @@ def plot_per_frame(result, path, context):
     refined) against copy-last-frame and the true latents read out."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = {name: label for name, label, _ in eval_rows(result["protocol"]["samples"])}
     for name, style in (("model_mean", "-o"), ("model_best", "--"), ("model_average", "-x"),
                         ("refined_mean", "-^"), ("copy_last", ":s"), ("autoencoder", "-.")):
         if name not in result:
             continue
         curve = result[name]["psnr_per_frame"]
-        ax.plot(range(context + 1, context + 1 + len(curve)), curve, style, label=name, ms=3)
+        ax.plot(range(context + 1, context + 1 + len(curve)), curve, style, label=labels[name],
+                ms=3)
     ax.set(xlabel="frame", ylabel="PSNR (dB)", title="PSNR per predicted frame")
     ax.grid(alpha=0.3)
     ax.legend()
