@@ -2727,11 +2727,11 @@ def write_predictions(model, context, truth, frames, stem, refiner=None, samples
     truth (B, frames, C, H, W, or None), copying the last frame if asked, and each sample
     side by side. Returns the samples (B, samples, frames, C, H, W)."""
     device = next(model.parameters()).device
-    context = context.to(device).repeat_interleave(samples, 0)  # each clip `samples` times
-    pred = model.generate_frames(context, frames, **sample_args)[:, context.shape[1]:]
+    repeated = context.to(device).repeat_interleave(samples, 0)  # each clip `samples` times
+    pred = model.generate_frames(repeated, frames, **sample_args)[:, context.shape[1]:]
     if refiner is not None:
-        pred = refine_frames(refiner, context[:, -1], pred)
-    context = context[::samples].cpu()
+        pred = refine_frames(refiner, repeated[:, -1], pred)
+    context = context.cpu()
     pred = rearrange(pred.cpu(), "(b k) t c h w -> b k t c h w", k=samples)
     rows = {} if truth is None else {"truth": truth}
     if copy_last:
@@ -2938,18 +2938,20 @@ def eval_i3d(args, device, settings):
     """The I3D of eval's FVD: --fvd-i3d's file; river's with --fvd (one line and exit 2 when its
     weights are missing or the clips too short, before anything is written) or with a protocol
     that reports FVD when they are installed and the clips long enough; else None."""
-    scored = settings["frames"] + settings["context"] * settings["fvd_context"]
-    if args.fvd and not args.fvd_i3d and scored < I3D_MIN_FRAMES:  # a user's I3D may differ
-        raise RiverError(f"--fvd: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, these "
-                         f"have {scored}: predict more frames (--frames) or drop --fvd")
     if args.fvd_i3d:
         return load_i3d(args.fvd_i3d, device)
     protocol = args.protocol in ("bair", "kth") and i3d_installed()
-    if protocol and not args.fvd and scored < I3D_MIN_FRAMES:
+    if not (args.fvd or protocol):
+        return None
+    scored = settings["frames"] + settings["context"] * settings["fvd_context"]
+    if scored < I3D_MIN_FRAMES:  # checked here, before anything runs
+        if args.fvd:
+            raise RiverError(f"--fvd: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, "
+                             f"these have {scored}: predict more frames (--frames) or drop --fvd")
         print(f"eval: no FVD: the I3D scores clips of {I3D_MIN_FRAMES} frames or more, these "
               f"have {scored}")
         return None
-    return load_i3d(device=device) if args.fvd or protocol else None
+    return load_i3d(device=device)
 
 
 def cmd_eval(args):
